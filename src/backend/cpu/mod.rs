@@ -1,0 +1,1 @@
+//! CPU backend: f32 arithmetic, rayon threads, the `gemm` crate for matrix products.

@@ -1,0 +1,13 @@
+//! xsam: an inference runtime for X-SAM ("X-SAM: From Segment Anything to Any Segmentation").
+//!
+//! Layout follows the model: `tensor` (data), `backend` (CPU and CUDA compute), `graph` (named
+//! nodes, arena planner, executor), `weights` (safetensors), `model` (config and one file per
+//! component).
+
+pub mod backend;
+pub mod error;
+pub mod tensor;
+
+pub use backend::Device;
+pub use error::{Error, Result};
+pub use tensor::{DType, Shape, Tensor};
