@@ -5,7 +5,9 @@
 //! component).
 
 pub mod backend;
+//TMP pub mod graph;
 pub mod error;
+pub mod kv;
 pub mod tensor;
 
 pub use backend::Device;
