@@ -8,6 +8,7 @@ pub mod backend;
 //TMP pub mod graph;
 pub mod error;
 pub mod kv;
+pub mod task;
 pub mod tensor;
 
 pub use backend::Device;

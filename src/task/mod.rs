@@ -1,0 +1,3 @@
+//! Tasks: prompt building and post-processing.
+
+pub mod prompt;
