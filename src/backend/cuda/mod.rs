@@ -1,12 +1,21 @@
-//! CUDA backend (cudarc, dynamically loaded).
+//! CUDA backend: cudarc (driver API, dynamically loaded) plus the hand-written kernels in
+//! kernels/*.cu, compiled by build.rs into one embedded fatbin.
+//!
+//! The crate builds and runs with no CUDA present: `CudaBackend::new` then returns
+//! `Error::Backend { backend: "cuda", .. }` saying what is missing (driver, device, or kernels when
+//! the crate was built without nvcc). `cuda_available()` gives the same answer as a string, for
+//! device selection and for tests that skip without a GPU.
+//!
+//! - `context`: driver detection (never panics), `CudaBackend` (context, stream, kernel module).
+//! - `buffer`: `DeviceBuffer`, the device storage of a `Tensor`.
+//! - `ops`: host <-> device copies and kernel launchers (`layer_norm`, `rms_norm`, `add`, ...).
+//! - `kernels`: what build.rs produced (fatbin, ptxas report path, kernel names).
 
-/// Device memory owned by the CUDA backend.
-pub struct DeviceBuffer {
-    pub(crate) bytes: usize,
-}
+mod buffer;
+mod context;
+pub mod kernels;
+mod ops;
 
-impl DeviceBuffer {
-    pub fn len_bytes(&self) -> usize {
-        self.bytes
-    }
-}
+pub use buffer::DeviceBuffer;
+pub use context::{cuda_available, device_count, driver_version, CudaBackend};
+pub use kernels::kernels_compiled;

@@ -1,0 +1,38 @@
+//! What build.rs compiled: the embedded kernels fatbin and where its ptxas report lies.
+
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// The kernels fatbin (sm_80, sm_89, sm_90 SASS + compute_80 PTX), `None` when the crate was built
+/// without nvcc.
+pub const FATBIN: Option<&[u8]> = generated::FATBIN;
+
+/// Path of the `-Xptxas -v` output of the kernel build (registers, stack and spills for every
+/// kernel and architecture), `None` without kernels. The file lives in the build's OUT_DIR: it is
+/// meant for tests run from the same build tree, not for installed binaries.
+pub const PTXAS_REPORT: Option<&str> = generated::PTXAS_REPORT;
+
+/// The nvcc that compiled the kernels.
+pub const NVCC: Option<&str> = generated::NVCC;
+
+/// The `-gencode` targets of the fatbin.
+pub const GENCODE: &[&str] = generated::GENCODE;
+
+/// Every kernel entry point the host side launches; `CudaBackend::new` checks that each is present
+/// in the loaded module, so a missing or misspelled kernel fails at start-up, not mid-forward.
+pub const KERNEL_NAMES: &[&str] = &[
+    // elementwise.cu
+    "cast_f32_bf16",
+    "cast_bf16_f32",
+    "add_f32",
+    "gelu_erf_f32",
+    // norm.cu
+    "layer_norm_f32",
+    "rms_norm_f32",
+];
+
+/// True when build.rs found nvcc and the fatbin is embedded.
+pub fn kernels_compiled() -> bool {
+    FATBIN.is_some()
+}
