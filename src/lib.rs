@@ -6,8 +6,14 @@
 
 pub mod backend;
 pub mod error;
+pub mod init;
+pub mod model;
 pub mod tensor;
+pub mod tokenizer;
+pub mod weights;
 
 pub use backend::Device;
 pub use error::{Error, Result};
+pub use model::Config;
 pub use tensor::{DType, Shape, Tensor};
+pub use weights::{VarBuilder, Weights};
