@@ -7,10 +7,16 @@
 pub mod backend;
 //TMP pub mod graph;
 pub mod error;
+pub mod init;
+pub mod model;
 pub mod kv;
 pub mod task;
 pub mod tensor;
+pub mod tokenizer;
+pub mod weights;
 
 pub use backend::Device;
 pub use error::{Error, Result};
+pub use model::Config;
 pub use tensor::{DType, Shape, Tensor};
+pub use weights::{VarBuilder, Weights};

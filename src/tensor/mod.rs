@@ -49,7 +49,9 @@ impl HostData {
             HostData::F32(v) => bytemuck::cast_slice(v),
             HostData::BF16(v) => bytemuck::cast_slice(v),
             HostData::F16(v) => bytemuck::cast_slice(v),
-            HostData::Mapped { map, start, len, .. } => &map[*start..*start + *len],
+            HostData::Mapped {
+                map, start, len, ..
+            } => &map[*start..*start + *len],
         }
     }
 
@@ -161,7 +163,10 @@ impl Tensor {
         let _ = end;
         let esize = dtype.size_in_bytes();
         if len % esize != 0 {
-            return Err(Error::shape("from_mmap", "byte length not a multiple of the element size"));
+            return Err(Error::shape(
+                "from_mmap",
+                "byte length not a multiple of the element size",
+            ));
         }
         check_len("from_mmap", &shape, len / esize)?;
         if (map.as_ptr() as usize + start) % esize != 0 {
@@ -179,7 +184,11 @@ impl Tensor {
     }
 
     /// A tensor backed by device memory (used by the CUDA backend).
-    pub fn from_device(buf: crate::backend::cuda::DeviceBuffer, dtype: DType, shape: Shape) -> Self {
+    pub fn from_device(
+        buf: crate::backend::cuda::DeviceBuffer,
+        dtype: DType,
+        shape: Shape,
+    ) -> Self {
         let strides = shape.contiguous_strides();
         Tensor {
             storage: Arc::new(Storage::Device(buf)),
@@ -284,10 +293,15 @@ impl Tensor {
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
         fn gather<T: Element>(t: &Tensor, all: &[T]) -> Vec<f32> {
             if t.is_contiguous() {
-                return all[t.offset..t.offset + t.numel()].iter().map(|x| x.to_f32()).collect();
+                return all[t.offset..t.offset + t.numel()]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
             }
             let mut out = Vec::with_capacity(t.numel());
-            for_each_index(t.dims(), &t.strides, t.offset, |i| out.push(all[i].to_f32()));
+            for_each_index(t.dims(), &t.strides, t.offset, |i| {
+                out.push(all[i].to_f32())
+            });
             out
         }
         let h = self.host()?;
@@ -302,7 +316,10 @@ impl Tensor {
     /// Scalar value of a one-element tensor.
     pub fn to_scalar_f32(&self) -> Result<f32> {
         if self.numel() != 1 {
-            return Err(Error::shape("to_scalar", format!("tensor {} is not a scalar", self.shape)));
+            return Err(Error::shape(
+                "to_scalar",
+                format!("tensor {} is not a scalar", self.shape),
+            ));
         }
         Ok(self.to_vec_f32()?[0])
     }
@@ -336,7 +353,11 @@ impl Tensor {
         if start.checked_add(len).is_none_or(|e| e > d) {
             return Err(Error::shape(
                 "narrow",
-                format!("range {start}..{} outside dim {dim} of {}", start + len, self.shape),
+                format!(
+                    "range {start}..{} outside dim {dim} of {}",
+                    start + len,
+                    self.shape
+                ),
             ));
         }
         let mut dims = self.dims().to_vec();
@@ -351,7 +372,11 @@ impl Tensor {
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
         let r = self.rank();
         let mut seen = vec![false; r];
-        if perm.len() != r || perm.iter().any(|&p| p >= r || std::mem::replace(&mut seen[p], true)) {
+        if perm.len() != r
+            || perm
+                .iter()
+                .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
+        {
             return Err(Error::shape(
                 "permute",
                 format!("{perm:?} is not a permutation of {r} dims"),
@@ -367,7 +392,10 @@ impl Tensor {
     pub fn transpose(&self, a: usize, b: usize) -> Result<Tensor> {
         let mut perm: Vec<usize> = (0..self.rank()).collect();
         if a >= perm.len() || b >= perm.len() {
-            return Err(Error::shape("transpose", format!("dims {a},{b} out of range for {}", self.shape)));
+            return Err(Error::shape(
+                "transpose",
+                format!("dims {a},{b} out of range for {}", self.shape),
+            ));
         }
         perm.swap(a, b);
         self.permute(&perm)
@@ -386,9 +414,18 @@ impl Tensor {
             out
         }
         match self.dtype {
-            DType::F32 => Tensor::from_vec(gather::<f32>(self, cast_or_copy(bytes).as_ref()), self.shape.clone()),
-            DType::BF16 => Tensor::from_vec(gather::<bf16>(self, cast_or_copy(bytes).as_ref()), self.shape.clone()),
-            DType::F16 => Tensor::from_vec(gather::<f16>(self, cast_or_copy(bytes).as_ref()), self.shape.clone()),
+            DType::F32 => Tensor::from_vec(
+                gather::<f32>(self, cast_or_copy(bytes).as_ref()),
+                self.shape.clone(),
+            ),
+            DType::BF16 => Tensor::from_vec(
+                gather::<bf16>(self, cast_or_copy(bytes).as_ref()),
+                self.shape.clone(),
+            ),
+            DType::F16 => Tensor::from_vec(
+                gather::<f16>(self, cast_or_copy(bytes).as_ref()),
+                self.shape.clone(),
+            ),
         }
     }
 
@@ -401,8 +438,12 @@ impl Tensor {
         let shape = self.shape.clone();
         match dtype {
             DType::F32 => Tensor::from_vec(v, shape),
-            DType::BF16 => Tensor::from_vec(v.into_iter().map(bf16::from_f32).collect::<Vec<_>>(), shape),
-            DType::F16 => Tensor::from_vec(v.into_iter().map(f16::from_f32).collect::<Vec<_>>(), shape),
+            DType::BF16 => {
+                Tensor::from_vec(v.into_iter().map(bf16::from_f32).collect::<Vec<_>>(), shape)
+            }
+            DType::F16 => {
+                Tensor::from_vec(v.into_iter().map(f16::from_f32).collect::<Vec<_>>(), shape)
+            }
         }
     }
 
@@ -471,7 +512,10 @@ mod tests {
             }
         }
         let n = t.narrow(2, 1, 2).unwrap();
-        assert_eq!(n.to_vec_f32().unwrap(), vec![1., 2., 5., 6., 9., 10., 13., 14., 17., 18., 21., 22.]);
+        assert_eq!(
+            n.to_vec_f32().unwrap(),
+            vec![1., 2., 5., 6., 9., 10., 13., 14., 17., 18., 21., 22.]
+        );
         assert!(!n.is_contiguous());
         assert!(t.narrow(2, 3, 2).is_err());
         assert!(t.reshape([5, 5]).is_err());
