@@ -5,7 +5,7 @@
 //! Levels in transformer order are the connector outputs reversed (lowest resolution first):
 //! `input_projections.{l}` (conv1x1 + GroupNorm) → flattened and concatenated tokens
 //! `[Σ h·w, hidden]`; positions = sine embedding (y half first, interleaved sin/cos, normalised)
-//! + `level_embed[l]`, added to the queries of the deformable attention, not to its values.
+//! plus `level_embed[l]`, added to the queries of the deformable attention, not to its values.
 //! Encoder layers are post-norm: `x = LN(x + MSDeformAttn(x + pos))`,
 //! `x = LN(x + fc2(ReLU(fc1 x)))`. The output is split back per level
 //! (`pixel_decoder.multi_scale.{0,1,2}`); the FPN adds the lateral `GN(conv1x1(connector level
