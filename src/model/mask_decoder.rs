@@ -23,7 +23,7 @@
 use crate::graph::op::{SegOp, Unary};
 use crate::graph::{Executor, Graph, NodeId, Op};
 use crate::model::config::{Config, DecoderConfig};
-use crate::model::pixel_decoder::{sine_position_embedding, transpose, Linear, Norm};
+use crate::model::pixel_decoder::{sine_position_embedding, transpose, Linear, Norm, PosCache};
 use crate::model::projector::run_graph;
 use crate::weights::VarBuilder;
 use crate::{Error, Result, Tensor};
@@ -65,6 +65,7 @@ pub struct MaskDecoder {
     mask_mlp: [Linear; 3],
     /// `exp(segmentor.logit_scale)`.
     logit_scale_exp: f32,
+    pos_cache: PosCache,
 }
 
 /// The nodes a built decoder returns.
@@ -152,6 +153,7 @@ impl MaskDecoder {
                 Linear::load(&mp.pp("2.0"), d.mask_feature_size, e)?,
             ],
             logit_scale_exp: logit_scale.exp(),
+            pos_cache: PosCache::default(),
             cfg: d,
         })
     }
@@ -217,8 +219,11 @@ impl MaskDecoder {
             let tok = g.push(format!("{p}.tokens"), Op::Permute(vec![1, 0]), &[flat])?;
             let le = g.weight(format!("{p}.level_embed"), self.level_embed[l].clone())?;
             let x = g.push(p.clone(), Op::AddRow, &[tok, le])?;
-            let pos = transpose(&sine_position_embedding(h, w, e / 2), e, h * w);
-            let pos = g.weight(format!("{p}.pos"), Tensor::from_f32(pos, [h * w, e])?)?;
+            let pos = self.pos_cache.get(vec![h, w], || {
+                let pos = transpose(&sine_position_embedding(h, w, e / 2), e, h * w);
+                Tensor::from_f32(pos, [h * w, e])
+            })?;
+            let pos = g.weight(format!("{p}.pos"), pos)?;
             keys.push(g.push(format!("{p}.keys"), Op::Add, &[x, pos])?);
             mem.push(x);
         }

@@ -18,6 +18,8 @@ use crate::model::config::{Config, DecoderConfig};
 use crate::model::projector::run_graph;
 use crate::weights::VarBuilder;
 use crate::{Error, Result, Tensor};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// `nn.GroupNorm` / `nn.LayerNorm` default epsilon.
 const NORM_EPS: f32 = 1e-5;
@@ -58,6 +60,27 @@ pub fn sine_position_embedding(h: usize, w: usize, feats: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Position tables by geometry (they depend on the map sizes only, and cost millions of
+/// sin/cos at the released sizes): computed on the first forward, shared by clones.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PosCache(Arc<Mutex<HashMap<Vec<usize>, Tensor>>>);
+
+impl PosCache {
+    pub(crate) fn get(
+        &self,
+        key: Vec<usize>,
+        make: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = m.get(&key) {
+            return Ok(t.clone());
+        }
+        let t = make()?;
+        m.insert(key, t.clone());
+        Ok(t)
+    }
 }
 
 /// `[c, n]` → `[n, c]`.
@@ -143,6 +166,7 @@ pub struct PixelDecoder {
     mask_projection: (Tensor, Tensor),
     /// Connector output channels, highest resolution first.
     feature_channels: Vec<usize>,
+    pos_cache: PosCache,
 }
 
 /// The nodes a built pixel decoder returns.
@@ -230,6 +254,7 @@ impl PixelDecoder {
                 vb.get("mask_projection.bias", &[d.mask_feature_size])?,
             ),
             feature_channels,
+            pos_cache: PosCache::default(),
             cfg: d,
         })
     }
@@ -266,7 +291,6 @@ impl PixelDecoder {
         // input projections, flattened tokens and positions, transformer level order
         let mut sizes = Vec::with_capacity(nl);
         let mut tokens = Vec::with_capacity(nl);
-        let mut pos = Vec::new();
         for l in 0..nl {
             let f = features[nl - 1 - l];
             let (h, w) = (g.shape(f).dims()[2], g.shape(f).dims()[3]);
@@ -283,16 +307,23 @@ impl PixelDecoder {
             let x = norm.push(g, p.clone(), gn.clone(), x)?;
             let x = g.push(format!("{p}.flat"), Op::Reshape([e, h * w].into()), &[x])?;
             tokens.push(g.push(format!("{p}.tokens"), Op::Permute(vec![1, 0]), &[x])?);
-            let sine = transpose(&sine_position_embedding(h, w, e / 2), e, h * w);
-            let le = &self.level_embed[l * e..(l + 1) * e];
-            pos.extend(
-                sine.chunks(e)
-                    .flat_map(|row| row.iter().zip(le).map(|(a, b)| a + b)),
-            );
         }
         let n: usize = sizes.iter().map(|&(h, w)| h * w).sum();
         let mut x = g.push("pixel_decoder.tokens", Op::Concat { axis: 0 }, &tokens)?;
-        let pos = g.weight("pixel_decoder.pos", Tensor::from_f32(pos, [n, e])?)?;
+        let key = sizes.iter().flat_map(|&(h, w)| [h, w]).collect();
+        let pos = self.pos_cache.get(key, || {
+            let mut pos = Vec::with_capacity(n * e);
+            for (l, &(h, w)) in sizes.iter().enumerate() {
+                let sine = transpose(&sine_position_embedding(h, w, e / 2), e, h * w);
+                let le = &self.level_embed[l * e..(l + 1) * e];
+                pos.extend(
+                    sine.chunks(e)
+                        .flat_map(|row| row.iter().zip(le).map(|(a, b)| a + b)),
+                );
+            }
+            Tensor::from_f32(pos, [n, e])
+        })?;
+        let pos = g.weight("pixel_decoder.pos", pos)?;
 
         // deformable encoder
         let deform = Op::Seg(SegOp::MsDeformAttn {
