@@ -1,3 +1,4 @@
 //! Tasks: prompt building and post-processing.
 
 pub mod prompt;
+pub mod templates;
