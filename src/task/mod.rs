@@ -1,3 +1,4 @@
 //! Tasks: prompt building and post-processing.
 
+pub mod masks;
 pub mod prompt;
