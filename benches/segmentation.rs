@@ -50,7 +50,10 @@ fn weights(cfg: &Config) -> Weights {
                 .into_iter()
                 .map(bf16::from_f32)
                 .collect();
-            (s.name.clone(), Tensor::from_vec(v, s.shape.clone()).unwrap())
+            (
+                s.name.clone(),
+                Tensor::from_vec(v, s.shape.clone()).unwrap(),
+            )
         });
     Weights::from_tensors(tensors, "random")
 }
@@ -121,14 +124,8 @@ fn bench(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 black_box(
-                    dec.forward(
-                        &mut exec,
-                        &ms.iter().collect::<Vec<_>>(),
-                        &mf,
-                        &seg,
-                        &table,
-                    )
-                    .unwrap(),
+                    dec.forward(&mut exec, &ms.iter().collect::<Vec<_>>(), &mf, &seg, &table)
+                        .unwrap(),
                 )
             })
         },

@@ -16,3 +16,4 @@ pub use config::{
 };
 pub use names::{check_weights, checkpoint_tensors, param_counts, Init, Module, TensorSpec};
 pub mod phi3;
+pub mod splice;
