@@ -45,6 +45,8 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import perturb_module_params, rel_err, setup_torch, write_fixture  # noqa: E402
 
 TOL = 1e-4  # the Rust tests' tolerance
+# Set only by the sensitivity runs: a plausible implementation mistake to simulate (see SENSITIVITY).
+VARIANT = None
 SEG_ID, P_START, P_END = 32011, 32012, 32013
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +128,8 @@ def versions() -> dict:
 def shuffle_down(x: torch.Tensor) -> torch.Tensor:
     """out[b, i, j, (dh*2 + dw)*C + c] = in[b, 2i+dh, 2j+dw, c]."""
     b, h, w, c = x.shape
-    return x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
+    perm = (0, 1, 3, 4, 2, 5) if VARIANT == "shuffle_down_column_offset_major" else (0, 1, 3, 2, 4, 5)
+    return x.view(b, h // 2, 2, w // 2, 2, c).permute(*perm).reshape(b, h // 2, w // 2, 4 * c)
 
 
 def shuffle_up(x: torch.Tensor) -> torch.Tensor:
@@ -359,7 +362,13 @@ def run_pixel_decoder(pd: Mask2FormerPixelDecoder, feats):
     for i, layer in enumerate(pd.encoder.layers[:1]):  # the first layer's output (the last one = multi_scale)
         hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(f"enc{i}", o[0])))
     hooks.append(pd.layer_1.register_forward_hook(lambda m, a, o: got.__setitem__("fpn", o)))
-    out = pd(list(feats))
+    orig = torch.nn.functional.grid_sample
+    if VARIANT == "deform_align_corners_true":
+        torch.nn.functional.grid_sample = lambda *a, **k: orig(*a, **{**k, "align_corners": True})
+    try:
+        out = pd(list(feats))
+    finally:
+        torch.nn.functional.grid_sample = orig
     for h in hooks:
         h.remove()
     return out, got
@@ -369,6 +378,8 @@ def run_decoder(tm: Mask2FormerTransformerModule, multi_scale, mask_features, se
     """X-SAM's Mask2FormerTransformerModule.forward at batch 1: transformers' submodules, plus the <SEG>
     embedding added to the content queries (`queries_features`), not to the positional ones."""
     feats, pos, sizes = [], [], []
+    if VARIANT == "decoder_levels_fine_to_coarse":
+        multi_scale = multi_scale[::-1]
     for i in range(3):
         x = multi_scale[i]
         sizes.append(x.shape[-2:])
@@ -376,7 +387,10 @@ def run_decoder(tm: Mask2FormerTransformerModule, multi_scale, mask_features, se
         feats.append((tm.input_projections[i](x).flatten(2) + tm.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
     qpos = tm.queries_embedder.weight.unsqueeze(1)
     qfeat = tm.queries_features.weight.unsqueeze(1)
-    qfeat = qfeat + seg_embed.view(1, 1, -1)
+    if VARIANT == "seg_added_to_positional_queries":
+        qpos = qpos + seg_embed.view(1, 1, -1)
+    else:
+        qfeat = qfeat + seg_embed.view(1, 1, -1)
     layer_outs = []
     hooks = [layer.register_forward_hook(lambda m, a, o: layer_outs.append(o[0])) for layer in tm.decoder.layers]
     out = tm.decoder(inputs_embeds=qfeat, multi_stage_positional_embeddings=pos, pixel_embeddings=mask_features,
@@ -425,7 +439,7 @@ def region_points(mask: np.ndarray, p: int) -> np.ndarray:
     return nz[idx]
 
 
-def region_vectors(tokens: torch.Tensor, points_rc, s: int) -> torch.Tensor:
+def region_vectors(tokens: torch.Tensor, points_rc, s: int, denom: int = None, align: bool = True) -> torch.Tensor:
     """The naive sampler with deterministic points: tokens [N, D] row-major on a sqrt(N) grid; points (r, c)
     divided by the mask size S; bilinear align_corners=True, zero padding; max over points."""
     n, d = tokens.shape
@@ -433,10 +447,11 @@ def region_vectors(tokens: torch.Tensor, points_rc, s: int) -> torch.Tensor:
     fmap = tokens.reshape(g, g, d).permute(2, 0, 1)[None]
     outs = []
     for pts in points_rc:
-        rc = torch.from_numpy(pts.astype(np.float32)) / torch.tensor([s, s], dtype=torch.float32)
+        dn = s if denom is None else denom
+        rc = torch.from_numpy(pts.astype(np.float32)) / torch.tensor([dn, dn], dtype=torch.float32)
         xy = rc.flip(-1)
         grid = (2.0 * xy - 1.0)[None, :, None, :].to(tokens.dtype)
-        smp = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        smp = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="zeros", align_corners=align)
         outs.append(smp[0, :, :, 0].max(dim=-1).values)
     return torch.stack(outs)
 
@@ -507,6 +522,10 @@ def finish(model: XSamSeg, o: dict) -> None:
     o["final.class_logits"] = o[f"mask_decoder.pred{n_pred - 1}.class_logits"]
     o["final.mask_logits"] = o[f"mask_decoder.pred{n_pred - 1}.mask_logits"]
 
+
+# Mistakes simulated by the sensitivity runs (forward_all under VARIANT).
+SENSITIVITY = ["shuffle_down_column_offset_major", "deform_align_corners_true", "seg_added_to_positional_queries",
+               "decoder_levels_fine_to_coarse"]
 
 MIN_MARGIN = 1e-3  # smallest |resized mask logit| allowed at an attention-mask threshold
 
@@ -622,6 +641,27 @@ def make_with_seed(stem: str, cfg: dict, report: dict, seed: int, tried: list) -
     hand = ((1 - wy) * (1 - wx) * at(y0, x0) + (1 - wy) * wx * at(y0, x0 + 1) + wy * (1 - wx) * at(y0 + 1, x0)
             + wy * wx * at(y0 + 1, x0 + 1))
     assert rel_err(rv64[0], hand) < 1e-12
+
+    # ---- sensitivity: how far plausible mistakes move the outputs (each must be >> the 1e-4 tolerance)
+    global VARIANT
+    sens = {}
+    watch = ["proj.seg", "connector.level2", "pixel_decoder.mask_features", "final.mask_logits",
+             "final.class_logits"]
+    for variant in SENSITIVITY:
+        VARIANT = variant
+        try:
+            with torch.no_grad():
+                ov = forward_all(model, cfg, inp, extras, torch.float32)
+                finish(model, ov)
+        finally:
+            VARIANT = None
+        sens[variant] = {k: float(f"{rel_err(ov[k], o32[k]):.3g}") for k in watch}
+    with torch.no_grad():
+        sens["region_divide_by_S_minus_1"] = {"region.vectors": float(f"{rel_err(region_vectors(o32['proj.seg'][0], pts, S, denom=S - 1), rv32):.3g}")}
+        sens["region_align_corners_false"] = {"region.vectors": float(f"{rel_err(region_vectors(o32['proj.seg'][0], pts, S, align=False), rv32):.3g}")}
+    for v, d in sens.items():
+        assert max(d.values()) > 100 * TOL, (v, d)
+    checks["sensitivity_rel_diff"] = sens
 
     # ---- tensors
     tensors = {k: v for k, v in sd.items()}
