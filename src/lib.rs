@@ -7,6 +7,7 @@
 pub mod backend;
 //TMP pub mod graph;
 pub mod error;
+pub mod image;
 pub mod init;
 pub mod model;
 pub mod kv;

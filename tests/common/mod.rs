@@ -1,0 +1,108 @@
+//! Fixture access shared by the encoder and preprocessing tests: the `case*` tensors (u8, i64,
+//! f32) straight from the safetensors file, the JSON sidecar, and error measures.
+#![allow(dead_code)]
+
+use safetensors::{Dtype, SafeTensors};
+use std::path::PathBuf;
+
+pub fn fixture_path(stem: &str, ext: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{stem}.{ext}"))
+}
+
+/// One fixture file held in memory.
+pub struct Fixture {
+    pub stem: String,
+    bytes: Vec<u8>,
+    pub json: serde_json::Value,
+}
+
+impl Fixture {
+    pub fn open(stem: &str) -> Fixture {
+        let bytes = std::fs::read(fixture_path(stem, "safetensors")).expect("fixture file");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture_path(stem, "json")).expect("sidecar"))
+                .expect("sidecar json");
+        Fixture {
+            stem: stem.to_string(),
+            bytes,
+            json,
+        }
+    }
+
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("safetensors header")
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.st().tensor(name).is_ok()
+    }
+
+    fn raw(&self, name: &str, dtype: Dtype) -> (Vec<u8>, Vec<usize>) {
+        let st = self.st();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{}: no tensor {name}", self.stem));
+        assert_eq!(t.dtype(), dtype, "{}: {name}", self.stem);
+        (t.data().to_vec(), t.shape().to_vec())
+    }
+
+    pub fn u8(&self, name: &str) -> (Vec<u8>, Vec<usize>) {
+        self.raw(name, Dtype::U8)
+    }
+
+    pub fn i64(&self, name: &str) -> (Vec<i64>, Vec<usize>) {
+        let (b, s) = self.raw(name, Dtype::I64);
+        (
+            b.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            s,
+        )
+    }
+
+    pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let (b, s) = self.raw(name, Dtype::F32);
+        (
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            s,
+        )
+    }
+
+    /// `case{n}.image` as an RGB image.
+    pub fn image(&self, case: usize) -> xsam::image::RgbImage {
+        let (d, s) = self.u8(&format!("case{case}.image"));
+        xsam::image::RgbImage::new(s[1], s[0], d).unwrap()
+    }
+
+    pub fn cases(&self) -> &Vec<serde_json::Value> {
+        self.json["cases"].as_array().expect("cases")
+    }
+
+    /// The `config` section as an xsam config JSON string.
+    pub fn config_json(&self) -> String {
+        self.json["config"].to_string()
+    }
+}
+
+/// `||a - b|| / ||b||` in f64.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).abs())
+        .fold(0.0, f64::max)
+}
