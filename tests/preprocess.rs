@@ -271,8 +271,10 @@ fn bad_images_are_clear_errors() {
         max_side: 100_000,
         max_alloc: 1 << 20,
     };
+    let mut idat_iend = png_chunk(b"IDAT", &[0x78, 0x9c, 0x01, 0x00]);
+    idat_iend.extend_from_slice(&iend);
     let msg = assert_input_err(
-        decode_image_with_limits(&png_with_header(4000, 4000, &iend), tight),
+        decode_image_with_limits(&png_with_header(4000, 4000, &idat_iend), tight),
         "alloc limit",
     );
     assert!(msg.contains("limit"), "{msg}");
