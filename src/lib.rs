@@ -5,12 +5,12 @@
 //! component).
 
 pub mod backend;
-//TMP pub mod graph;
 pub mod error;
+pub mod graph;
 pub mod image;
 pub mod init;
-pub mod model;
 pub mod kv;
+pub mod model;
 pub mod task;
 pub mod tensor;
 pub mod tokenizer;

@@ -118,11 +118,15 @@ impl Executor {
                 .map(|(s, &i)| match (s, &graph.node(graph.buffer_root(i)).op) {
                     (Some(s), _) => Ok(Val::Arena(s)),
                     (None, Op::Weight(t)) => Ok(Val::Weight(t)),
-                    _ => Err(Error::Graph(format!("input {i} of `{}` has no data", node.name))),
+                    _ => Err(Error::Graph(format!(
+                        "input {i} of `{}` has no data",
+                        node.name
+                    ))),
                 })
                 .collect::<Result<_>>()?;
-            run_node(graph, id, &vals, out, &feeds, &mut kv)
-                .map_err(|e| Error::Graph(format!("node `{}` ({}): {e}", node.name, node.op.kind())))?;
+            run_node(graph, id, &vals, out, &feeds, &mut kv).map_err(|e| {
+                Error::Graph(format!("node `{}` ({}): {e}", node.name, node.op.kind()))
+            })?;
         }
         let mut values = HashMap::new();
         let mut names = HashMap::new();
@@ -134,7 +138,10 @@ impl Executor {
                     let r = plan
                         .range(graph, k)
                         .ok_or_else(|| Error::Graph(format!("kept node {k} has no buffer")))?;
-                    Tensor::from_f32(self.arena[r.start / 4..r.end / 4].to_vec(), node.shape.clone())?
+                    Tensor::from_f32(
+                        self.arena[r.start / 4..r.end / 4].to_vec(),
+                        node.shape.clone(),
+                    )?
                 }
             };
             values.insert(k, t);
@@ -146,11 +153,14 @@ impl Executor {
 
 /// Splits the arena into the (shared) input slices and the (exclusive) output slice, checking
 /// that the output does not overlap any input.
+/// Input slices (None for weights) and the output slice of one node.
+type NodeSlices<'a> = (Vec<Option<&'a [f32]>>, &'a mut [f32]);
+
 fn split_arena<'a>(
     arena: &'a mut [f32],
     ins: &[Option<std::ops::Range<usize>>],
     out: std::ops::Range<usize>,
-) -> Result<(Vec<Option<&'a [f32]>>, &'a mut [f32])> {
+) -> Result<NodeSlices<'a>> {
     let (os, oe) = (out.start / 4, out.end / 4);
     if oe > arena.len() {
         return Err(Error::Graph("output outside the arena".into()));
@@ -170,7 +180,10 @@ fn split_arena<'a>(
         .iter()
         .map(|r| {
             r.as_ref().map(|r| unsafe {
-                std::slice::from_raw_parts(base.add(r.start / 4) as *const f32, (r.end - r.start) / 4)
+                std::slice::from_raw_parts(
+                    base.add(r.start / 4) as *const f32,
+                    (r.end - r.start) / 4,
+                )
             })
         })
         .collect();
@@ -179,26 +192,12 @@ fn split_arena<'a>(
 
 /// Copies a strided view of `src` (dims, strides in elements) into `out` in row-major order.
 fn strided_copy(src: &[f32], dims: &[usize], strides: &[usize], offset: usize, out: &mut [f32]) {
-    if dims.iter().any(|&d| d == 0) {
-        return;
-    }
-    let r = dims.len();
-    let mut idx = vec![0usize; r];
-    let mut pos = offset;
-    for o in out.iter_mut() {
-        *o = src[pos];
-        let mut k = r;
-        while k > 0 {
-            k -= 1;
-            idx[k] += 1;
-            pos += strides[k];
-            if idx[k] < dims[k] {
-                break;
-            }
-            pos -= strides[k] * dims[k];
-            idx[k] = 0;
+    let mut o = out.iter_mut();
+    crate::tensor::for_each_index(dims, strides, offset, |i| {
+        if let Some(slot) = o.next() {
+            *slot = src[i];
         }
-    }
+    });
 }
 
 fn run_node(
@@ -249,7 +248,14 @@ fn run_node(
             } else {
                 (None, None)
             };
-            cpu::layer_norm(&v[0].f32s()?, w.as_deref(), b.as_deref(), node.shape.last(), *eps, out)?;
+            cpu::layer_norm(
+                &v[0].f32s()?,
+                w.as_deref(),
+                b.as_deref(),
+                node.shape.last(),
+                *eps,
+                out,
+            )?;
         }
         Op::LayerNorm2d { eps } | Op::GroupNorm { eps, .. } => {
             let d = node.shape.dims();
@@ -258,7 +264,9 @@ fn run_node(
             let (w, b) = (v[1].f32s()?, v[2].f32s()?);
             for (xs, os) in x.chunks(c * hw).zip(out.chunks_mut(c * hw)) {
                 match &node.op {
-                    Op::GroupNorm { groups, .. } => cpu::group_norm(xs, &w, &b, c, hw, *groups, *eps, os)?,
+                    Op::GroupNorm { groups, .. } => {
+                        cpu::group_norm(xs, &w, &b, c, hw, *groups, *eps, os)?
+                    }
                     _ => cpu::layer_norm_channels_first(xs, &w, &b, c, hw, *eps, os)?,
                 }
             }
@@ -303,9 +311,23 @@ fn run_node(
             let xs = v[0].f32s()?;
             let wr = v[1].weight_ref()?;
             let bias = v.get(2).map(|b| b.f32s()).transpose()?;
-            let per_out = node.shape.numel() / node.shape.dims()[..r - 3].iter().product::<usize>().max(1);
+            let per_out =
+                node.shape.numel() / node.shape.dims()[..r - 3].iter().product::<usize>().max(1);
             for (xi, oi) in xs.chunks(cin * h * w).zip(out.chunks_mut(per_out)) {
-                cpu::conv2d(xi, cin, h, w, wr.clone(), bias.as_deref(), cout, kh, kw, *stride, *pad, oi)?;
+                cpu::conv2d(
+                    xi,
+                    cin,
+                    h,
+                    w,
+                    wr,
+                    bias.as_deref(),
+                    cout,
+                    kh,
+                    kw,
+                    *stride,
+                    *pad,
+                    oi,
+                )?;
             }
         }
         Op::ResizeBilinear {
@@ -355,7 +377,20 @@ fn run_node(
                 AttnMask::None
             };
             let (q, k, vv) = (v[0].f32s()?, v[1].f32s()?, v[2].f32s()?);
-            cpu::attention(&q, &k, &vv, tq, tk, *heads, qd / heads, vd / heads, *scale, mask, None, out)?;
+            cpu::attention(
+                &q,
+                &k,
+                &vv,
+                tq,
+                tk,
+                *heads,
+                qd / heads,
+                vd / heads,
+                *scale,
+                mask,
+                None,
+                out,
+            )?;
         }
         Op::PagedAttention {
             layer,
@@ -376,15 +411,21 @@ fn run_node(
                 // (gemm-backed) attention instead of walking the block table.
                 let kv_heads = shape(1)[1] / head_dim;
                 if kv_heads != *heads {
-                    return Err(Error::Graph("grouped KV heads are not supported by the CPU prefill".into()));
+                    return Err(Error::Graph(
+                        "grouped KV heads are not supported by the CPU prefill".into(),
+                    ));
                 }
                 let mask = AttnMask::Causal {
                     window: *window,
                     q_offset: 0,
                 };
-                cpu::attention(&q, &k, &vv, t, t, *heads, *head_dim, *head_dim, *scale, mask, None, out)?;
+                cpu::attention(
+                    &q, &k, &vv, t, t, *heads, *head_dim, *head_dim, *scale, mask, None, out,
+                )?;
             } else {
-                paged_attention(cache, *seq, *layer, &q, *pos0, *heads, *head_dim, *scale, *window, out)?;
+                paged_attention(
+                    cache, *seq, *layer, &q, *pos0, *heads, *head_dim, *scale, *window, out,
+                )?;
             }
         }
         Op::Add => cpu::add(&v[0].f32s()?, &v[1].f32s()?, out)?,
@@ -413,7 +454,13 @@ fn run_node(
         Op::Narrow { axis, start, .. } => {
             let d = shape(0);
             let st = crate::Shape::new(d.to_vec()).contiguous_strides();
-            strided_copy(&v[0].f32s()?, node.shape.dims(), &st, start * st[*axis], out);
+            strided_copy(
+                &v[0].f32s()?,
+                node.shape.dims(),
+                &st,
+                start * st[*axis],
+                out,
+            );
         }
         Op::Gather { ids } => {
             let cols = shape(0)[1];
@@ -433,9 +480,14 @@ mod tests {
         let mut g = Graph::new();
         let x = g.input("x", [2, 3]).unwrap();
         let w = g
-            .weight("w", Tensor::from_f32(vec![1., 0., 0., 0., 1., 0.], [2, 3]).unwrap())
+            .weight(
+                "w",
+                Tensor::from_f32(vec![1., 0., 0., 0., 1., 0.], [2, 3]).unwrap(),
+            )
             .unwrap();
-        let b = g.weight("b", Tensor::from_f32(vec![10., 20.], [2]).unwrap()).unwrap();
+        let b = g
+            .weight("b", Tensor::from_f32(vec![10., 20.], [2]).unwrap())
+            .unwrap();
         let y = g.push("lin", Op::Linear, &[x, w, b]).unwrap();
         let r = g.push("flat", Op::Reshape([4].into()), &[y]).unwrap();
         let s = g.push("twice", Op::Scale(2.0), &[r]).unwrap();
@@ -443,8 +495,14 @@ mod tests {
         let plan = Plan::new(&g, &[y]).unwrap();
         let xt = Tensor::from_f32(vec![1., 2., 3., 4., 5., 6.], [2, 3]).unwrap();
         let out = Executor::new().run(&g, &plan, &[(x, &xt)]).unwrap();
-        assert_eq!(out.by_name("lin").unwrap().to_vec_f32().unwrap(), vec![11., 22., 14., 25.]);
-        assert_eq!(out.get(s).unwrap().to_vec_f32().unwrap(), vec![22., 44., 28., 50.]);
+        assert_eq!(
+            out.by_name("lin").unwrap().to_vec_f32().unwrap(),
+            vec![11., 22., 14., 25.]
+        );
+        assert_eq!(
+            out.get(s).unwrap().to_vec_f32().unwrap(),
+            vec![22., 44., 28., 50.]
+        );
         // A wrongly shaped feed is an error, not a panic.
         let bad = Tensor::from_f32(vec![0.; 4], [4]).unwrap();
         assert!(Executor::new().run(&g, &plan, &[(x, &bad)]).is_err());

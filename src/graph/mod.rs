@@ -73,7 +73,9 @@ impl Graph {
             return Err(Error::Graph(format!("duplicate node name `{name}`")));
         }
         if let Some(&bad) = inputs.iter().find(|&&i| i >= self.nodes.len()) {
-            return Err(Error::Graph(format!("node `{name}`: input {bad} does not exist yet")));
+            return Err(Error::Graph(format!(
+                "node `{name}`: input {bad} does not exist yet"
+            )));
         }
         let in_shapes: Vec<&Shape> = inputs.iter().map(|&i| &self.nodes[i].shape).collect();
         let shape = op

@@ -25,17 +25,30 @@ pub enum Op {
     /// `x[.., k] · w[n, k]ᵀ (+ b[n])`; inputs `x, w[, b]`.
     Linear,
     /// `a[m, k] · b[k, n]` (or `b[n, k]` when transposed).
-    MatMul { b_transposed: bool },
+    MatMul {
+        b_transposed: bool,
+    },
     /// `a[B, m, k] · b[B, k, n]` (or `b[B, n, k]`).
-    BatchedMatMul { b_transposed: bool },
+    BatchedMatMul {
+        b_transposed: bool,
+    },
     /// Over the last dim; inputs `x[, w, b]`.
-    LayerNorm { eps: f32 },
+    LayerNorm {
+        eps: f32,
+    },
     /// SAM's LayerNorm2d over channels of `[.., C, H, W]`; inputs `x, w, b`.
-    LayerNorm2d { eps: f32 },
+    LayerNorm2d {
+        eps: f32,
+    },
     /// Over `[.., C, H, W]`; inputs `x, w, b`.
-    GroupNorm { groups: usize, eps: f32 },
+    GroupNorm {
+        groups: usize,
+        eps: f32,
+    },
     /// Phi-3's RMSNorm; inputs `x, w`.
-    RmsNorm { eps: f32 },
+    RmsNorm {
+        eps: f32,
+    },
     Unary(Unary),
     /// `[.., 2I]` (gate | up) -> `[.., I]`.
     SiluGate,
@@ -49,7 +62,10 @@ pub enum Op {
         pos_offset: usize,
     },
     /// Inputs `x[.., Cin, H, W], w[Cout, Cin, kh, kw][, b]`.
-    Conv2d { stride: usize, pad: usize },
+    Conv2d {
+        stride: usize,
+        pad: usize,
+    },
     ResizeBilinear {
         out_h: usize,
         out_w: usize,
@@ -84,13 +100,21 @@ pub enum Op {
     /// `x[.., c] + row[c]`.
     AddRow,
     Scale(f32),
-    Concat { axis: usize },
+    Concat {
+        axis: usize,
+    },
     /// A view: same buffer, new shape.
     Reshape(Shape),
     Permute(Vec<usize>),
-    Narrow { axis: usize, start: usize, len: usize },
+    Narrow {
+        axis: usize,
+        start: usize,
+        len: usize,
+    },
     /// Rows of a `[rows, cols]` table (embedding lookup).
-    Gather { ids: Vec<u32> },
+    Gather {
+        ids: Vec<u32>,
+    },
 }
 
 fn same(a: &Shape, b: &Shape, what: &str) -> Result<(), String> {
@@ -194,7 +218,11 @@ impl Op {
                 if a.len() != 2 || b.len() != 2 {
                     return Err("matmul takes 2-D operands".into());
                 }
-                let (bk, n) = if *b_transposed { (b[1], b[0]) } else { (b[0], b[1]) };
+                let (bk, n) = if *b_transposed {
+                    (b[1], b[0])
+                } else {
+                    (b[0], b[1])
+                };
                 if a[1] != bk {
                     return Err(format!("inner dims differ: {a:?} x {b:?}"));
                 }
@@ -204,9 +232,15 @@ impl Op {
                 want(2..=2)?;
                 let (a, b) = (ins[0].dims(), ins[1].dims());
                 if a.len() != 3 || b.len() != 3 || a[0] != b[0] {
-                    return Err(format!("batched matmul takes [B,m,k] x [B,..]: {a:?} x {b:?}"));
+                    return Err(format!(
+                        "batched matmul takes [B,m,k] x [B,..]: {a:?} x {b:?}"
+                    ));
                 }
-                let (bk, n) = if *b_transposed { (b[2], b[1]) } else { (b[1], b[2]) };
+                let (bk, n) = if *b_transposed {
+                    (b[2], b[1])
+                } else {
+                    (b[1], b[2])
+                };
                 if a[2] != bk {
                     return Err(format!("inner dims differ: {a:?} x {b:?}"));
                 }
@@ -257,7 +291,9 @@ impl Op {
                 }
                 Ok(with_last(ins[0], ins[0].last() / 2))
             }
-            Op::Rope { heads, head_dim, .. } => {
+            Op::Rope {
+                heads, head_dim, ..
+            } => {
                 want(1..=1)?;
                 if ins[0].rank() != 2 || ins[0].last() != heads * head_dim || head_dim % 2 != 0 {
                     return Err(format!("rope on {} with {heads}x{head_dim}", ins[0]));
@@ -323,10 +359,17 @@ impl Op {
                 }
                 Ok(Shape::new(vec![q[0], v[1]]))
             }
-            Op::PagedAttention { heads, head_dim, .. } => {
+            Op::PagedAttention {
+                heads, head_dim, ..
+            } => {
                 want(3..=3)?;
                 let (q, k, v) = (ins[0].dims(), ins[1].dims(), ins[2].dims());
-                if q.len() != 2 || q[1] != heads * head_dim || k != v || k.len() != 2 || k[0] != q[0] {
+                if q.len() != 2
+                    || q[1] != heads * head_dim
+                    || k != v
+                    || k.len() != 2
+                    || k[0] != q[0]
+                {
                     return Err(format!("q {q:?}, k {k:?}, v {v:?} with {heads}x{head_dim}"));
                 }
                 Ok(ins[0].clone())
@@ -354,7 +397,10 @@ impl Op {
                 let mut d = ins[0].dims().to_vec();
                 for s in &ins[1..] {
                     let ok = s.rank() == r
-                        && s.dims().iter().enumerate().all(|(i, &x)| i == *axis || x == d[i]);
+                        && s.dims()
+                            .iter()
+                            .enumerate()
+                            .all(|(i, &x)| i == *axis || x == d[i]);
                     if !ok {
                         return Err(format!("cannot concat {} and {s} on axis {axis}", ins[0]));
                     }
@@ -373,10 +419,15 @@ impl Op {
                 want(1..=1)?;
                 let r = ins[0].rank();
                 let mut seen = vec![false; r];
-                if p.len() != r || p.iter().any(|&i| i >= r || std::mem::replace(&mut seen[i], true)) {
+                if p.len() != r
+                    || p.iter()
+                        .any(|&i| i >= r || std::mem::replace(&mut seen[i], true))
+                {
                     return Err(format!("{p:?} is not a permutation of {r} dims"));
                 }
-                Ok(Shape::new(p.iter().map(|&i| ins[0].dims()[i]).collect::<Vec<_>>()))
+                Ok(Shape::new(
+                    p.iter().map(|&i| ins[0].dims()[i]).collect::<Vec<_>>(),
+                ))
             }
             Op::Narrow { axis, start, len } => {
                 want(1..=1)?;

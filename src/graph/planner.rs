@@ -30,7 +30,9 @@ impl Plan {
         let mut keep: Vec<NodeId> = graph.outputs().to_vec();
         for &e in extra {
             if e >= n {
-                return Err(Error::Graph(format!("cannot keep node {e}: graph has {n} nodes")));
+                return Err(Error::Graph(format!(
+                    "cannot keep node {e}: graph has {n} nodes"
+                )));
             }
             if !keep.contains(&e) {
                 keep.push(e);
@@ -117,7 +119,9 @@ mod tests {
     fn random_graph(seed: u64, n: usize) -> Graph {
         let mut s = seed;
         let mut next = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 33) as usize
         };
         let mut g = Graph::new();
@@ -129,18 +133,25 @@ mod tests {
         for i in 0..n {
             let a = ids[next() % ids.len()];
             let id = match next() % 4 {
-                0 => g.push(format!("n{i}"), Op::Unary(Unary::Relu), &[a]).unwrap(),
+                0 => g
+                    .push(format!("n{i}"), Op::Unary(Unary::Relu), &[a])
+                    .unwrap(),
                 1 => {
                     let b = ids[next() % ids.len()];
-                    g.push(format!("n{i}"), Op::Concat { axis: 0 }, &[a, b]).unwrap()
+                    g.push(format!("n{i}"), Op::Concat { axis: 0 }, &[a, b])
+                        .unwrap()
                 }
                 2 => {
                     let len = g.shape(a).numel();
-                    g.push(format!("n{i}"), Op::Reshape(Shape::new(vec![1, len])), &[a]).unwrap()
+                    // A view of a view: same rank so every value can be concatenated on axis 0.
+                    g.push(format!("n{i}"), Op::Reshape(Shape::new(vec![len])), &[a])
+                        .unwrap()
                 }
                 _ => {
                     let len = g.shape(a).numel();
-                    let a = g.push(format!("r{i}"), Op::Reshape(Shape::new(vec![len])), &[a]).unwrap();
+                    let a = g
+                        .push(format!("r{i}"), Op::Reshape(Shape::new(vec![len])), &[a])
+                        .unwrap();
                     g.push(format!("n{i}"), Op::Scale(2.0), &[a]).unwrap()
                 }
             };
@@ -159,9 +170,8 @@ mod tests {
             let live: Vec<NodeId> = (0..n.min(t + 1))
                 .filter(|&i| g.node(i).op.needs_buffer())
                 .filter(|&i| {
-                    let used_later = (t..n).any(|j| {
-                        g.node(j).inputs.iter().any(|&x| g.buffer_root(x) == i)
-                    });
+                    let used_later =
+                        (t..n).any(|j| g.node(j).inputs.iter().any(|&x| g.buffer_root(x) == i));
                     let kept = plan.keep.iter().any(|&k| g.buffer_root(k) == i);
                     i == t || used_later || kept
                 })
@@ -196,7 +206,9 @@ mod tests {
         let mut g = Graph::new();
         let mut x = g.input("x", [1024]).unwrap();
         for i in 0..50 {
-            x = g.push(format!("relu{i}"), Op::Unary(Unary::Relu), &[x]).unwrap();
+            x = g
+                .push(format!("relu{i}"), Op::Unary(Unary::Relu), &[x])
+                .unwrap();
         }
         g.mark_output(x);
         let plan = Plan::new(&g, &[]).unwrap();

@@ -75,9 +75,10 @@ pub fn paged_attention(
             let mut l = 0f32;
             let mut acc = vec![0f32; head_dim];
             let mut scores = vec![0f32; bs];
-            for blk in lo / bs..=p / bs {
+            let visible = table.iter().enumerate().take(p / bs + 1).skip(lo / bs);
+            for (blk, &b) in visible {
                 // Checked above: every block in this range is present.
-                let Some(b) = table[blk] else { continue };
+                let Some(b) = b else { continue };
                 let (kb, vb) = cache.block(b, layer);
                 let (s0, s1) = (
                     lo.max(blk * bs) - blk * bs,

@@ -9,3 +9,4 @@ pub use config::{
     Resample, SamConfig, Shuffle, TokenConfig, VisionConfig,
 };
 pub use names::{check_weights, checkpoint_tensors, param_counts, Init, Module, TensorSpec};
+pub mod phi3;

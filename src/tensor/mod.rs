@@ -466,8 +466,13 @@ fn cast_or_copy<T: Element>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
 }
 
 /// Calls `f` with the storage index of every element of a strided view, in row-major order.
-fn for_each_index(dims: &[usize], strides: &[usize], offset: usize, mut f: impl FnMut(usize)) {
-    if dims.iter().any(|&d| d == 0) {
+pub(crate) fn for_each_index(
+    dims: &[usize],
+    strides: &[usize],
+    offset: usize,
+    mut f: impl FnMut(usize),
+) {
+    if dims.contains(&0) {
         return;
     }
     let r = dims.len();
