@@ -106,3 +106,22 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
         .map(|(&x, &y)| (x as f64 - y as f64).abs())
         .fold(0.0, f64::max)
 }
+
+/// The tiny preset with this fixture's `sam` / `vision` sections swapped in, through the real
+/// config parser (unvalidated: the preset's other sections refer to its own layer counts).
+pub fn config_from(fx: &Fixture) -> xsam::Config {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&xsam::Config::preset("tiny").unwrap().to_json_string()).unwrap();
+    for sec in ["sam", "vision"] {
+        if let Some(s) = fx.json["config"].get(sec) {
+            v[sec] = s.clone();
+        }
+    }
+    xsam::Config::parse_unvalidated(&v.to_string(), &fx.stem).unwrap()
+}
+
+/// The fixture's tensor as an xsam f32 tensor.
+pub fn tensor(fx: &Fixture, name: &str) -> xsam::Tensor {
+    let (d, s) = fx.f32(name);
+    xsam::Tensor::from_f32(d, s).unwrap()
+}
