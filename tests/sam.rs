@@ -103,3 +103,80 @@ fn builds_only_the_needed_blocks_and_names_nodes() {
         Err(xsam::Error::Input(_))
     ));
 }
+
+/// Both encoders at the released geometry (SAM ViT-L 1024², SigLIP so400m 384²) with random
+/// bf16 weights, on the CPU. Ignored by default (about a minute on two cores); run with
+/// `cargo test --release --test sam -- --ignored --nocapture` (and `/usr/bin/time -v` for the
+/// peak RSS).
+#[test]
+#[ignore]
+fn full_geometry_on_cpu() {
+    use std::time::Instant;
+    use xsam::model::siglip::SiglipEncoder;
+    let cfg = xsam::Config::preset("full").unwrap();
+    let t0 = Instant::now();
+    let w = common::random_encoder_weights(&cfg, 0);
+    println!(
+        "random encoder weights: {} tensors in {:.1?}",
+        w.len(),
+        t0.elapsed()
+    );
+    let img = common::test_picture(800, 600);
+    let mut exec = Executor::new();
+
+    let sam = SamEncoder::for_xsam(&cfg, &w.pp("segmentor.encoder")).unwrap();
+    let input = preprocess_sam(&img, cfg.sam.image_size).unwrap();
+    println!(
+        "SAM: {} nodes, keeps {:?}, planner peak arena {:.1} MiB",
+        sam.built.graph.len(),
+        sam.built
+            .hidden_states
+            .iter()
+            .map(|h| h.0)
+            .collect::<Vec<_>>(),
+        sam.peak_bytes() as f64 / (1 << 20) as f64
+    );
+    let t = Instant::now();
+    let hs = sam.forward(&mut exec, &input.pixel_values).unwrap();
+    println!("SAM forward: {:.2?}", t.elapsed());
+    let g = cfg.sam.grid();
+    for (k, h) in &hs {
+        assert_eq!(h.dims(), [1, g, g, cfg.sam.hidden_size]);
+        let v = h.to_vec_f32().unwrap();
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "hidden_states[{k}] not finite"
+        );
+        let rms = (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+        println!("  sam.hidden_states.{k}: rms {rms:.3}");
+    }
+
+    let sig = SiglipEncoder::for_xsam(&cfg.vision, &w.pp("visual_encoder.vision_model")).unwrap();
+    let px =
+        xsam::image::preprocess_siglip(&img, cfg.vision.image_size, cfg.vision.resample.into())
+            .unwrap();
+    println!(
+        "SigLIP: {} nodes, keeps {:?}, planner peak arena {:.1} MiB",
+        sig.built.graph.len(),
+        sig.built
+            .hidden_states
+            .iter()
+            .map(|h| h.0)
+            .collect::<Vec<_>>(),
+        sig.peak_bytes() as f64 / (1 << 20) as f64
+    );
+    let t = Instant::now();
+    let out = sig.forward(&mut exec, &px).unwrap();
+    println!("SigLIP forward: {:.2?}", t.elapsed());
+    let (k, h) = &out[0];
+    assert_eq!(*k, cfg.vision.num_hidden_layers - 1);
+    assert_eq!(
+        h.dims(),
+        [1, cfg.vision.num_patches(), cfg.vision.hidden_size]
+    );
+    assert!(h.to_vec_f32().unwrap().iter().all(|x| x.is_finite()));
+    println!(
+        "executor arena held: {:.1} MiB",
+        exec.arena_bytes() as f64 / (1 << 20) as f64
+    );
+}

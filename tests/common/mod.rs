@@ -125,3 +125,49 @@ pub fn tensor(fx: &Fixture, name: &str) -> xsam::Tensor {
     let (d, s) = fx.f32(name);
     xsam::Tensor::from_f32(d, s).unwrap()
 }
+
+/// The encoders' tensors of a random model for `cfg`, in memory: the same generator, names,
+/// shapes and bf16 values `xsam init` writes (src/init.rs), without the 9 GB round trip
+/// through the disk. Only tensors inference reads (`needed`) under the two encoder scopes.
+pub fn random_encoder_weights(cfg: &xsam::Config, seed: u64) -> xsam::Weights {
+    use xsam::weights::TensorSource;
+    let tensors: Vec<(String, xsam::Tensor)> = xsam::model::checkpoint_tensors(cfg)
+        .into_iter()
+        .filter(|s| {
+            s.needed
+                && (s.name.starts_with("segmentor.encoder.")
+                    || s.name.starts_with("visual_encoder.vision_model."))
+        })
+        .map(|spec| {
+            let (name, shape) = (spec.name.clone(), spec.shape.clone());
+            let src = xsam::init::RandomTensor::new(spec, seed);
+            let mut bytes = Vec::new();
+            src.write_data(&mut bytes).unwrap();
+            let data: Vec<half::bf16> = bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+                .collect();
+            (name, xsam::Tensor::from_vec(data, shape).unwrap())
+        })
+        .collect();
+    xsam::Weights::from_tensors(tensors, "random encoder weights")
+}
+
+/// A deterministic smooth test picture with edges (`width x height`).
+pub fn test_picture(width: usize, height: usize) -> xsam::image::RgbImage {
+    let mut data = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        for x in 0..width {
+            let (fx, fy) = (x as f32 / width as f32, y as f32 / height as f32);
+            let edge = if (x / 37 + y / 53) % 2 == 0 {
+                40.0
+            } else {
+                0.0
+            };
+            data.push((200.0 * fx + edge) as u8);
+            data.push((180.0 * fy + edge) as u8);
+            data.push((120.0 + 100.0 * (fx * 9.0).sin() * (fy * 7.0).cos()) as u8);
+        }
+    }
+    xsam::image::RgbImage::new(width, height, data).unwrap()
+}
