@@ -12,3 +12,4 @@ pub use names::{check_weights, checkpoint_tensors, param_counts, Init, Module, T
 pub mod phi3;
 pub mod sam;
 pub mod siglip;
+pub mod splice;
