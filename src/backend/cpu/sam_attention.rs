@@ -49,7 +49,7 @@ impl SamAttnGeom {
     /// Rows the `rel_pos_h` / `rel_pos_w` tables must have (`2·side − 1`).
     pub fn rel_rows(&self) -> (usize, usize) {
         let (sh, sw) = self.side();
-        (2 * sh - 1, 2 * sw - 1)
+        ((2 * sh).saturating_sub(1), (2 * sw).saturating_sub(1))
     }
 }
 
@@ -135,10 +135,14 @@ pub fn sam_attention(
                 let tw = &pw[(qi * heads + h) * rw_rows..(qi * heads + h + 1) * rw_rows];
                 // Key j sits at (j / kw_side, j % kw_side) of the window; index
                 // qh - kh + Kh - 1 is always in 0..2Kh-1.
-                for (jj, x) in row.iter_mut().enumerate() {
-                    let j = key_start + jj;
-                    let (kh, kw) = (j / kw_side, j % kw_side);
+                let (mut kh, mut kw) = (key_start / kw_side, key_start % kw_side);
+                for x in row.iter_mut() {
                     *x += th[qh + kh_side - 1 - kh] + tw[qw + kw_side - 1 - kw];
+                    kw += 1;
+                    if kw == kw_side {
+                        kw = 0;
+                        kh += 1;
+                    }
                 }
             };
             let mut o = vec![0f32; nq * dim];
@@ -168,4 +172,141 @@ pub fn sam_attention(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// The HF procedure spelled out in f64: pad the grid with bias-valued tokens, partition,
+    /// full softmax per window with the rel-pos terms, crop.
+    fn naive(qkv: &[f32], bias: &[f32], rh: &[f32], rw: &[f32], g: SamAttnGeom) -> Vec<f32> {
+        let (c, hd) = (g.dim, g.head_dim());
+        let (kh_s, kw_s) = g.side();
+        let (ph, pw) = (
+            g.grid_h.div_ceil(kh_s) * kh_s,
+            g.grid_w.div_ceil(kw_s) * kw_s,
+        );
+        let tok = |y: usize, x: usize| -> Vec<f64> {
+            if y < g.grid_h && x < g.grid_w {
+                qkv[(y * g.grid_w + x) * 3 * c..(y * g.grid_w + x + 1) * 3 * c]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect()
+            } else {
+                bias.iter().map(|&v| v as f64).collect()
+            }
+        };
+        let mut out = vec![0f32; g.grid_h * g.grid_w * c];
+        let scale = 1.0 / (hd as f64).sqrt();
+        for y in 0..g.grid_h {
+            for x in 0..g.grid_w {
+                let (y0, x0) = (y / kh_s * kh_s, x / kw_s * kw_s);
+                let (qh, qw) = (y - y0, x - x0);
+                let q = tok(y, x);
+                for h in 0..g.heads {
+                    let qv = &q[h * hd..(h + 1) * hd];
+                    let mut logits = vec![];
+                    let mut vals = vec![];
+                    for kh in 0..kh_s {
+                        for kw in 0..kw_s {
+                            assert!(y0 + kh < ph && x0 + kw < pw);
+                            let t = tok(y0 + kh, x0 + kw);
+                            let kv = &t[c + h * hd..c + (h + 1) * hd];
+                            let dot: f64 = qv.iter().zip(kv).map(|(a, b)| a * b).sum();
+                            let ih = (qh + kh_s - 1 - kh) * hd;
+                            let iw = (qw + kw_s - 1 - kw) * hd;
+                            let relh: f64 = (0..hd).map(|i| qv[i] * rh[ih + i] as f64).sum();
+                            let relw: f64 = (0..hd).map(|i| qv[i] * rw[iw + i] as f64).sum();
+                            logits.push(dot * scale + relh + relw);
+                            vals.push(t[2 * c + h * hd..2 * c + (h + 1) * hd].to_vec());
+                        }
+                    }
+                    let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for i in 0..hd {
+                        let o: f64 = e.iter().zip(&vals).map(|(p, v)| p * v[i]).sum::<f64>() / z;
+                        out[(y * g.grid_w + x) * c + h * hd + i] = o as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_the_padded_window_procedure() {
+        // Non-square grid, a window that pads both axes, and global attention.
+        for window in [Some(3), Some(4), None] {
+            let g = SamAttnGeom {
+                grid_h: 5,
+                grid_w: 7,
+                heads: 2,
+                dim: 8,
+                window,
+            };
+            let (rows_h, rows_w) = g.rel_rows();
+            let qkv = data(35 * 24, 1);
+            let bias = data(24, 2);
+            let rh = data(rows_h * 4, 3);
+            let rw = data(rows_w * 4, 4);
+            let mut out = vec![0f32; 35 * 8];
+            sam_attention(&qkv, Some(&bias), &rh, &rw, g, &mut out).unwrap();
+            let want = naive(&qkv, &bias, &rh, &rw, g);
+            let err = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "window {window:?}: max diff {err}");
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        let g = SamAttnGeom {
+            grid_h: 2,
+            grid_w: 2,
+            heads: 2,
+            dim: 8,
+            window: None,
+        };
+        let mut out = vec![0f32; 4 * 8];
+        assert!(sam_attention(
+            &[0.0; 4 * 24],
+            None,
+            &[0.0; 3 * 4],
+            &[0.0; 2 * 4],
+            g,
+            &mut out
+        )
+        .is_err());
+        assert!(sam_attention(&[0.0; 5], None, &[0.0; 3 * 4], &[0.0; 3 * 4], g, &mut out).is_err());
+        let g0 = SamAttnGeom {
+            window: Some(0),
+            ..g
+        };
+        assert!(sam_attention(
+            &[0.0; 4 * 24],
+            None,
+            &[0.0; 3 * 4],
+            &[0.0; 3 * 4],
+            g0,
+            &mut out
+        )
+        .is_err());
+    }
 }
