@@ -478,7 +478,9 @@ impl Op {
                 }
                 let c = qkv[1] / 3;
                 if *heads == 0 || c % heads != 0 || *window == Some(0) {
-                    return Err(format!("{heads} heads over {c} channels, window {window:?}"));
+                    return Err(format!(
+                        "{heads} heads over {c} channels, window {window:?}"
+                    ));
                 }
                 let hd = c / heads;
                 let (sh, sw) = window.map_or((*grid_h, *grid_w), |w| (w, w));
