@@ -145,12 +145,14 @@ fn check_buffer(
 pub struct DecodeLimits {
     /// Largest accepted width and height in pixels.
     pub max_side: u32,
-    /// Largest single allocation the decoder may make, in bytes.
+    /// Memory budget of one decode, in bytes: the decoder's own allocations, and also the
+    /// decoded buffer plus our RGB copy of it together.
     pub max_alloc: u64,
 }
 
 impl Default for DecodeLimits {
-    /// 16384 px per side and 1 GiB: any camera photo, never a decompression bomb.
+    /// 16384 px per side and 1 GiB (an RGB image of up to ~178 megapixels): any camera photo,
+    /// never a decompression bomb.
     fn default() -> Self {
         Self {
             max_side: 16384,
