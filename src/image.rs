@@ -678,7 +678,8 @@ pub fn preprocess_siglip(img: &RgbImage, image_size: usize, filter: Filter) -> R
 
 /// A prompt mask on the SAM canvas: NEAREST resize of the grey mask to `scaled_size`
 /// `(newh, neww)`, zero pad to `image_size`². Returns the `image_size`² grey values row-major
-/// (nonzero = on). The mask must have the size of the image it was drawn on.
+/// (nonzero = on). The mask must have the size of the image it was drawn on, and a mask with no
+/// nonzero pixel left after the resize is an error (interfaces.md §5.1).
 pub fn preprocess_prompt_mask(
     mask: &GreyImage,
     image_hw: (usize, usize),
@@ -698,6 +699,13 @@ pub fn preprocess_prompt_mask(
         )));
     }
     let r = mask.resize(neww, newh, Filter::Nearest)?;
+    if r.count_on() == 0 {
+        return Err(Error::Input(format!(
+            "prompt mask is empty after resizing to {neww}x{newh} (it had {} nonzero pixels of {})",
+            mask.count_on(),
+            mask.data.len()
+        )));
+    }
     let mut out = vec![0u8; image_size * image_size];
     for y in 0..newh {
         out[y * image_size..y * image_size + neww]

@@ -358,4 +358,15 @@ fn masks_decode_as_pil_grey() {
     // A mask of the wrong size for its image is an error.
     let mask = GreyImage::new(3, 1, vec![1, 0, 1]).unwrap();
     assert!(preprocess_prompt_mask(&mask, (2, 3), (2, 3), 4).is_err());
+    // Empty, or emptied by the NEAREST resize (one pixel in 9x9 sampled away): errors.
+    let empty = GreyImage::new(3, 1, vec![0, 0, 0]).unwrap();
+    assert!(matches!(
+        preprocess_prompt_mask(&empty, (1, 3), (1, 3), 4),
+        Err(Error::Input(_))
+    ));
+    let mut d = vec![0u8; 81];
+    d[0] = 255;
+    let speck = GreyImage::new(9, 9, d).unwrap();
+    let e = preprocess_prompt_mask(&speck, (9, 9), (3, 3), 4).unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
 }
