@@ -127,6 +127,9 @@ pub enum Op {
         grid_w: usize,
     },
     // ---- end image encoders ----
+    // ---- segmentation ops (feat/seg): see `SegOp` at the end of this file ----
+    Seg(SegOp),
+    // ---- end segmentation ops ----
 }
 
 fn same(a: &Shape, b: &Shape, what: &str) -> Result<(), String> {
@@ -183,6 +186,7 @@ impl Op {
             Op::Narrow { .. } => "narrow",
             Op::Gather { .. } => "gather",
             Op::SamAttention { .. } => "sam_attention",
+            Op::Seg(s) => s.kind(),
         }
     }
 
@@ -494,6 +498,88 @@ impl Op {
                 }
                 Ok(Shape::new(vec![t, c]))
             } // ---- end image encoders ----
+            Op::Seg(s) => s.infer_shape(ins),
+        }
+    }
+}
+
+// ==================================================================================================
+// Segmentation ops (feat/seg): the pixel decoder's deformable attention and the pieces of the
+// masked-attention decoder and class head that the general ops do not cover.
+// ==================================================================================================
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SegOp {
+    /// Multi-scale deformable attention (`backend::cpu::ms_deform_attn`). Inputs
+    /// `value [Σ h·w, heads·hd]`, `offsets [Nq, heads·levels·points·2]`,
+    /// `logits [Nq, heads·levels·points]` and optionally `reference [Nq, 2]`; without it the
+    /// queries are the value tokens (`Nq = Σ h·w`) with references at their pixel centres.
+    /// Output `[Nq, heads·hd]`.
+    MsDeformAttn {
+        heads: usize,
+        points: usize,
+        /// `(h, w)` per level, in the order of the value rows.
+        levels: Vec<(usize, usize)>,
+    },
+    /// Mask2Former's attention mask: 1 where `sigmoid(x) >= 0.5` (attend), 0 where it blocks.
+    MaskKeep,
+    /// `x / max(||x||₂, eps)` over the last dim (`F.normalize`).
+    L2Normalize { eps: f32 },
+    /// `min(max(x, min), max)`.
+    Clamp { min: f32, max: f32 },
+}
+
+impl SegOp {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SegOp::MsDeformAttn { .. } => "ms_deform_attn",
+            SegOp::MaskKeep => "mask_keep",
+            SegOp::L2Normalize { .. } => "l2_normalize",
+            SegOp::Clamp { .. } => "clamp",
+        }
+    }
+
+    pub fn infer_shape(&self, ins: &[&Shape]) -> Result<Shape, String> {
+        match self {
+            SegOp::MsDeformAttn {
+                heads,
+                points,
+                levels,
+            } => {
+                if ins.len() != 3 && ins.len() != 4 {
+                    return Err(format!("expects 3 or 4 inputs, got {}", ins.len()));
+                }
+                let (v, o, l) = (ins[0].dims(), ins[1].dims(), ins[2].dims());
+                let nv: usize = levels.iter().map(|&(h, w)| h * w).sum();
+                let lp = levels.len() * points;
+                if v.len() != 2 || v[0] != nv || *heads == 0 || v[1] % heads != 0 {
+                    return Err(format!(
+                        "value {v:?} is not [{nv}, heads*hd] for {heads} heads"
+                    ));
+                }
+                let nq = o.first().copied().unwrap_or(0);
+                if o != [nq, heads * lp * 2] || l != [nq, heads * lp] {
+                    return Err(format!(
+                        "offsets {o:?} / logits {l:?} do not match {heads} heads x {lp} points"
+                    ));
+                }
+                if ins.len() == 4 {
+                    if ins[3].dims() != [nq, 2] {
+                        return Err(format!("reference {} is not [{nq}, 2]", ins[3]));
+                    }
+                } else if nq != nv {
+                    return Err(format!(
+                        "{nq} queries without references need {nv} (= value rows)"
+                    ));
+                }
+                Ok(Shape::new(vec![nq, v[1]]))
+            }
+            SegOp::MaskKeep | SegOp::L2Normalize { .. } | SegOp::Clamp { .. } => {
+                if ins.len() != 1 {
+                    return Err(format!("expects 1 input, got {}", ins.len()));
+                }
+                Ok(ins[0].clone())
+            }
         }
     }
 }
