@@ -8,6 +8,7 @@ pub mod backend;
 pub mod convert;
 pub mod error;
 pub mod graph;
+pub mod image;
 pub mod init;
 pub mod kv;
 pub mod model;

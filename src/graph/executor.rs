@@ -466,6 +466,24 @@ fn run_node(
             let cols = shape(0)[1];
             cpu::gather_rows(v[0].weight_ref()?, cols, ids, out)?;
         }
+        // ---- image encoders (feat/enc) ----
+        Op::SamAttention {
+            heads,
+            window,
+            grid_h,
+            grid_w,
+        } => {
+            let geom = cpu::SamAttnGeom {
+                grid_h: *grid_h,
+                grid_w: *grid_w,
+                heads: *heads,
+                dim: node.shape.last(),
+                window: *window,
+            };
+            let bias = v.get(3).map(|b| b.f32s()).transpose()?;
+            let (rh, rw) = (v[1].f32s()?, v[2].f32s()?);
+            cpu::sam_attention(&v[0].f32s()?, bias.as_deref(), &rh, &rw, geom, out)?;
+        } // ---- end image encoders ----
         Op::Seg(op) => run_seg_op(op, graph, node, v, out)?,
     }
     Ok(())

@@ -115,6 +115,18 @@ pub enum Op {
     Gather {
         ids: Vec<u32>,
     },
+    // ---- image encoders (feat/enc) ----
+    /// SAM ViT attention with window partition and decomposed relative positions
+    /// (`backend::cpu::sam_attention`): inputs `qkv [grid_h*grid_w, 3C], rel_pos_h [2Kh-1, hd],
+    /// rel_pos_w [2Kw-1, hd][, qkv_bias [3C]]` -> `[grid_h*grid_w, C]`; K = `window` or the grid
+    /// (global). Padded window positions are zero tokens through the qkv linear (= the bias).
+    SamAttention {
+        heads: usize,
+        window: Option<usize>,
+        grid_h: usize,
+        grid_w: usize,
+    },
+    // ---- end image encoders ----
     // ---- segmentation ops (feat/seg): see `SegOp` at the end of this file ----
     Seg(SegOp),
     // ---- end segmentation ops ----
@@ -173,6 +185,7 @@ impl Op {
             Op::Permute(_) => "permute",
             Op::Narrow { .. } => "narrow",
             Op::Gather { .. } => "gather",
+            Op::SamAttention { .. } => "sam_attention",
             Op::Seg(s) => s.kind(),
         }
     }
@@ -454,6 +467,37 @@ impl Op {
                 }
                 Ok(Shape::new(vec![ids.len(), ins[0].dims()[1]]))
             }
+            // ---- image encoders (feat/enc) ----
+            Op::SamAttention {
+                heads,
+                window,
+                grid_h,
+                grid_w,
+            } => {
+                want(3..=4)?;
+                let qkv = ins[0].dims();
+                let t = grid_h * grid_w;
+                if qkv.len() != 2 || qkv[0] != t || qkv[1] % 3 != 0 || t == 0 {
+                    return Err(format!("qkv {} is not [{grid_h}*{grid_w}, 3C]", ins[0]));
+                }
+                let c = qkv[1] / 3;
+                if *heads == 0 || c % heads != 0 || *window == Some(0) {
+                    return Err(format!(
+                        "{heads} heads over {c} channels, window {window:?}"
+                    ));
+                }
+                let hd = c / heads;
+                let (sh, sw) = window.map_or((*grid_h, *grid_w), |w| (w, w));
+                for (s, side, what) in [(ins[1], sh, "rel_pos_h"), (ins[2], sw, "rel_pos_w")] {
+                    if s.dims() != [2 * side - 1, hd] {
+                        return Err(format!("{what} {s} is not [{}, {hd}]", 2 * side - 1));
+                    }
+                }
+                if ins.len() == 4 && ins[3].dims() != [3 * c] {
+                    return Err(format!("qkv bias {} is not [{}]", ins[3], 3 * c));
+                }
+                Ok(Shape::new(vec![t, c]))
+            } // ---- end image encoders ----
             Op::Seg(s) => s.infer_shape(ins),
         }
     }

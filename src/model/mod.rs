@@ -16,4 +16,6 @@ pub use config::{
 };
 pub use names::{check_weights, checkpoint_tensors, param_counts, Init, Module, TensorSpec};
 pub mod phi3;
+pub mod sam;
+pub mod siglip;
 pub mod splice;
