@@ -37,6 +37,8 @@ MODEL_SEED = 7
 OUT = FIXTURES / "e2e"
 IOU_MIN, SCORE_TOL = 0.98, 2e-3
 ATTN_SHIFT = 1e-4
+SENSITIVITY = ["no_bos", "image_block_sam_first", "project_after_mean", "phrase_inner_tokens_only",
+               "seg_state_one_later", "siglip_bicubic", "referring_second_template"]
 
 
 def ellipse(h, w, cy, cx, ry, rx, value):
@@ -181,6 +183,19 @@ def main():
         print(f"{c['name']:>16}: {len(exp['masks'])} masks, ids {len(exp['token_ids'])}, text {exp['text'][:40]!r}")
         print(" " * 18, {k: v for k, v in margins.items() if k != "attention_shift_1e-4"})
         out_cases.append({"inputs": c, "expected": exp, "margins": margins})
+    # sensitivity: plausible mistakes must fail the comparison on at least one case
+    sens = {}
+    for v in SENSITIVITY:
+        pipeline.VARIANT = v
+        try:
+            failed = [oc["inputs"]["name"] for oc in out_cases
+                      if oc["inputs"]["task"] != "conversation" and not compare(run_case(ref, oc["inputs"], imgs),
+                                                                                 oc["expected"])[0]]
+        finally:
+            pipeline.VARIANT = None
+        print(f"sensitivity {v}: fails {failed}")
+        assert failed, v
+        sens[v] = failed
     OUT.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in imgs.items()}, str(OUT / "inputs.safetensors"))
     import tokenizers
@@ -193,6 +208,7 @@ def main():
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__, "numpy": np.__version__},
         "inputs": {k: list(v.shape) for k, v in imgs.items()},
+        "sensitivity_failing_cases": sens,
         "cases": out_cases,
     }
     (OUT / "cases.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -45,6 +45,8 @@ from make_fixtures_tokenizer import IMAGE, REGION, chat, encode_chunks
 
 SEG_TASKS = ("semantic", "instance", "panoptic", "referring", "reasoning", "gcg", "interactive", "vgd")
 DEFAULT_ANSWER = "Sure, <SEG>."
+# Simulated mistakes for the sensitivity check of make_fixtures_e2e.py (None = the reference).
+VARIANT = None
 
 
 def normalize_class_name(name: str) -> str:
@@ -151,7 +153,10 @@ class XSamReference:
         S, V = cfg["sam"]["image_size"], cfg["vision"]["image_size"]
         L = cfg["sam"]["num_hidden_layers"]
         _, sam_px, scaled = sam_preprocess(img, S)
-        _, _, sig_px = siglip_preprocess(img, V, cfg["vision"].get("resample", "bilinear"))
+        resample = cfg["vision"].get("resample", "bilinear")
+        if VARIANT == "siglip_bicubic":
+            resample = "bicubic"
+        _, _, sig_px = siglip_preprocess(img, V, resample)
         with torch.no_grad():
             hs, _ = capture_layer_outputs(self.sam.layers, lambda: self.sam(torch.from_numpy(sam_px)))
             vhs, _ = capture_layer_outputs(self.siglip.vision_model.encoder.layers,
@@ -196,7 +201,11 @@ class XSamReference:
         side = self.image_side(image)
         margins = {}
         q = question_for(task, classes, stuff, text, len(vprompts))
+        if VARIANT == "referring_second_template" and task == "referring":
+            q = f"Please segment <p>{text.strip().lower()}</p> in this image."
         ids = encode_chunks(self.tok, chat(q), bos=cfg["llm"]["bos_token_id"])
+        if VARIANT == "no_bos":
+            ids = ids[1:]
         if task in ("interactive", "vgd"):
             pside = self.image_side(np.asarray(vprompt_image, dtype=np.uint8)) if vprompt_image is not None else side
             regions = self.region_vectors(pside, vprompts)
@@ -209,6 +218,8 @@ class XSamReference:
         # splice: <image> -> SigLIP tokens then SAM tokens; k-th <region> -> region vector k
         emb = self.llm.model.embed_tokens
         img_block = torch.cat([side["visual"], side["seg"]], 0)
+        if VARIANT == "image_block_sam_first":
+            img_block = torch.cat([side["seg"], side["visual"]], 0)
 
         def splice(id_list):
             rows, exp, r = [], [], 0
@@ -275,7 +286,13 @@ class XSamReference:
         with torch.no_grad():
             proj = self.seg.llm_projector(hidden)
             cond = torch.stack([proj[a:b + 1].mean(0) for a, b in sp])
+            if VARIANT == "project_after_mean":
+                cond = torch.stack([self.seg.llm_projector(hidden[a:b + 1].mean(0)) for a, b in sp])
+            if VARIANT == "phrase_inner_tokens_only":
+                cond = torch.stack([proj[a + 1:b].mean(0) for a, b in sp])
             seg_embed = proj[seg_pos[0]]
+            if VARIANT == "seg_state_one_later":
+                seg_embed = proj[seg_pos[0] + 1]
             out, _, sizes = seg.run_decoder(self.seg.segmentor.decoder, side["multi_scale"], side["mask_features"],
                                             seg_embed)
             table = torch.cat([cond, self.seg.bg_embeds.weight], 0)
