@@ -5,6 +5,8 @@
 //                                  suffix after a cached prefix), causal + sliding window
 //   sam_attn_window_bf16           SAM-L windowed blocks: 14x14 windows (K <= 16), rel-pos bias
 //   sam_attn_global_bf16           SAM-L global blocks: the whole 64x64 grid (K <= 64), rel-pos
+//   sam_attn_global_bm64_bf16      the same in 64-row tiles (62 KiB of shared memory), for GPUs
+//                                  whose per-block limit is 99 KiB
 //   attn_combine_splits_bf16       merges split-K partials (also used by masked and paged decode)
 //
 // All take one `FlashParams` by value and run 128 threads (4 warps). Grid: x = query tiles
@@ -42,6 +44,12 @@ XSAM_KERNEL void __launch_bounds__(128, 1) sam_attn_window_bf16(const __grid_con
 // Global attention over the 64x64 grid: KW = 64 (one grid row per key tile), 128 query rows.
 XSAM_KERNEL void __launch_bounds__(128, 1) sam_attn_global_bf16(const __grid_constant__ FlashParams p) {
     xsam_attn::flash_attention<64, 2, 4, xsam_attn::FLASH_SAM, 6>(p);
+}
+
+// The same with 64 query rows per CTA: 62 KiB of shared memory instead of 105 KiB, for GPUs whose
+// per-block opt-in limit is 99 KiB (sm_86, sm_89).
+XSAM_KERNEL void __launch_bounds__(128, 1) sam_attn_global_bm64_bf16(const __grid_constant__ FlashParams p) {
+    xsam_attn::flash_attention<64, 1, 4, xsam_attn::FLASH_SAM, 6>(p);
 }
 
 // out[r / heads][(r % heads) * hd + d] for r < rows (= queries * heads), d < hd, from `splits`

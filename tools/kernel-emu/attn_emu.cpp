@@ -593,6 +593,7 @@ int main(int argc, char** argv) {
     sam_case<1, 4>("sam_attn_window", sam_attn_window_bf16, 20, 17, 14, 2, rng);
     sam_case<1, 4>("sam_attn_window", sam_attn_window_bf16, 9, 9, 14, 1, rng);
     sam_case<2, 6>("sam_attn_global", sam_attn_global_bf16, 20, 20, 20, 1, rng);
+    sam_case<1, 6>("sam_attn_global_bm64", sam_attn_global_bm64_bf16, 13, 13, 13, 2, rng);
     if (!quick) sam_case<2, 6>("sam_attn_global", sam_attn_global_bf16, 64, 64, 64, 1, rng);
     // Masked cross-attention: downsampled, identity and upsampled mask sizes.
     masked_case(130, 12, 12, 9, 9, 1, rng);
