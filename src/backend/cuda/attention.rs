@@ -29,9 +29,10 @@
 //! keys of one block are one contiguous run). The CPU cache (`crate::kv`) stores
 //! `[block_size][kv_dim]` per (block, layer); the logical contents and the block ids are the same,
 //! so one `PagedKvCache` can keep the bookkeeping (allocation, sharing, copy on write, sliding
-//! window release) for either. Block tables are host `&[i32]` (one entry per logical block of the
-//! sequence, -1 for a block released by the sliding window; see [`block_table_i32`]) and are
-//! validated on the host, then uploaded (a few hundred bytes per call).
+//! window release) for either. Block tables (one i32 per logical block of the sequence, -1 for a
+//! block released by the sliding window; see [`block_table_i32`]) and slot lists are
+//! [`DeviceIndex`]es: uploaded once per step, shared by every layer's launch, validated on the host
+//! copy so a kernel never reads outside the pool.
 
 use super::buffer::DeviceBuffer;
 use super::context::{backend_err, driver_err, CudaBackend};
@@ -294,6 +295,27 @@ impl DevicePagedKv {
     }
 }
 
+/// int32 indices on the device together with their host copy: block tables and slot lists.
+/// Uploaded once ([`CudaBackend::upload_index`]) and used by many launches (all layers of a decode
+/// step); launchers validate the host copy, so the kernels never see an index outside the pool.
+#[derive(Debug)]
+pub struct DeviceIndex {
+    buf: DeviceBuffer,
+    host: Vec<i32>,
+}
+
+impl DeviceIndex {
+    pub fn as_slice(&self) -> &[i32] {
+        &self.host
+    }
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+}
+
 /// A CPU block table (`PagedKvCache::block_table`) in the kernels' form: -1 for released blocks.
 pub fn block_table_i32(table: &[Option<BlockId>]) -> Vec<i32> {
     table.iter().map(|b| b.map_or(-1, |b| b as i32)).collect()
@@ -405,15 +427,25 @@ impl CudaBackend {
         Ok(Rows { view, stride, rows })
     }
 
-    /// Uploads an i32 array (block tables, slots).
-    fn upload_i32(&self, v: &[i32]) -> Result<DeviceBuffer> {
+    /// Uploads int32 indices (a block table from [`block_table_i32`], or KV slots).
+    pub fn upload_index(&self, v: &[i32]) -> Result<DeviceIndex> {
         let mut buf = self.alloc(v.len() * 4)?;
         if !v.is_empty() {
             self.stream()
                 .memcpy_htod(bytemuck::cast_slice::<i32, u8>(v), buf.slice_mut())
                 .map_err(|e| driver_err("copying indices to the device", e))?;
         }
-        Ok(buf)
+        Ok(DeviceIndex {
+            buf,
+            host: v.to_vec(),
+        })
+    }
+
+    /// The device pointer of an index array (its buffer lives as long as `idx`).
+    fn index_view<'a>(&self, idx: &'a DeviceIndex) -> Result<CudaView<'a, i32>> {
+        idx.buf
+            .view::<i32>(0, idx.host.len())
+            .ok_or_else(|| backend_err("index view"))
     }
 
     /// Queues one flash-template kernel.
@@ -1015,7 +1047,7 @@ impl CudaBackend {
         layer: usize,
         k: &Tensor,
         v: &Tensor,
-        slots: &[i32],
+        slots: &DeviceIndex,
     ) -> Result<()> {
         const OP: &str = "kv_append";
         let cfg = pool.cfg;
@@ -1036,7 +1068,7 @@ impl CudaBackend {
         }
         let capacity = cfg.num_blocks * cfg.block_size;
         let mut seen = std::collections::HashSet::new();
-        for &s in slots {
+        for &s in slots.as_slice() {
             if s >= 0 && (s as usize >= capacity || !seen.insert(s)) {
                 return Err(Error::Input(format!(
                     "KV slot {s} is outside the pool ({capacity} slots) or repeated"
@@ -1046,10 +1078,7 @@ impl CudaBackend {
         if t == 0 {
             return Ok(());
         }
-        let slots_dev = self.upload_i32(slots)?;
-        let sv = slots_dev
-            .view::<i32>(0, t)
-            .ok_or_else(|| backend_err("slots view"))?;
+        let sv = self.index_view(slots)?;
         let off = pool.block_offset(0, layer);
         let span = pool.cfg.num_blocks * pool.block_stride() - off;
         let stride = pool.block_stride() as i64;
@@ -1104,6 +1133,44 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Copies block `src` to block `dst` in every layer of both pools (the device side of the
+    /// cache's copy on write: when `PagedKvCache::append` replaces a shared last block, copy the
+    /// old block into the new one before appending to it).
+    pub fn kv_copy_block(&self, pool: &mut DevicePagedKv, src: usize, dst: usize) -> Result<()> {
+        let nb = pool.cfg.num_blocks;
+        if src >= nb || dst >= nb {
+            return Err(Error::Input(format!(
+                "KV block copy {src} -> {dst} outside the pool of {nb} blocks"
+            )));
+        }
+        if src == dst {
+            return Ok(());
+        }
+        // All layers of one block are one contiguous run: (b * num_layers + l) * block_elems.
+        let run = pool.cfg.num_layers * pool.block_elems();
+        let total = nb * run;
+        let s = self.stream();
+        let DevicePagedKv { k, v, .. } = pool;
+        for b in [k, v] {
+            let mut view = b
+                .view_mut::<bf16>(total)
+                .ok_or_else(|| backend_err("KV pool view"))?;
+            let (base, _g) = view.device_ptr_mut(s);
+            // SAFETY: both ranges lie inside the pool buffer (src, dst < num_blocks) and do not
+            // overlap (src != dst); the copy is queued on the stream that owns the buffer.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    base + (2 * dst * run) as u64,
+                    base + (2 * src * run) as u64,
+                    2 * run,
+                    s.cu_stream(),
+                )
+            }
+            .map_err(|e| driver_err("copying a KV block", e))?;
+        }
+        Ok(())
+    }
+
     /// Checks a block table for queries at `pos0..pos0+nq` (keys `0..pos0+nq`): every block a
     /// query can see exists and lies in the pool.
     fn check_table(
@@ -1140,8 +1207,8 @@ impl CudaBackend {
     }
 
     /// Decode attention over the pool: `q [nq, heads*hd]` for the tokens at positions
-    /// `pos0..pos0+nq` (their K/V already appended), keys through `table` (host, validated and
-    /// uploaded; -1 = released), causal with the sliding window. Head dims 64, 96, 128. The
+    /// `pos0..pos0+nq` (their K/V already appended), keys through `table` (-1 = released; every
+    /// block a query can see must be present), causal with the sliding window. Head dims 64, 96, 128. The
     /// context is split over CTAs (`split_len` keys each, None: chosen from the grid) and merged
     /// by a second pass.
     #[allow(clippy::too_many_arguments)]
@@ -1150,7 +1217,7 @@ impl CudaBackend {
         pool: &DevicePagedKv,
         layer: usize,
         q: &Tensor,
-        table: &[i32],
+        table: &DeviceIndex,
         pos0: usize,
         heads: usize,
         scale: f32,
@@ -1182,7 +1249,7 @@ impl CudaBackend {
         let width = heads * hd;
         let qr = self.rows_of(OP, "q", q, width)?;
         let nq = qr.rows;
-        Self::check_table(OP, pool, table, pos0, nq, window)?;
+        Self::check_table(OP, pool, table.as_slice(), pos0, nq, window)?;
         let mut out = self.alloc(nq * width * 2)?;
         if nq > 0 {
             i32_arg(OP, "positions", pos0 + nq)?;
@@ -1200,10 +1267,7 @@ impl CudaBackend {
             if splits > 65_535 || nq > 65_535 || heads > i32::MAX as usize {
                 return Err(Error::shape(OP, "grid too large"));
             }
-            let table_dev = self.upload_i32(table)?;
-            let tv = table_dev
-                .view::<i32>(0, table.len().max(1))
-                .ok_or_else(|| backend_err("table view"))?;
+            let tv = self.index_view(table)?;
             let s = self.stream();
             let (qp, _g1) = qr.view.device_ptr(s);
             let (tp, _g2) = tv.device_ptr(s);
@@ -1293,7 +1357,7 @@ impl CudaBackend {
         pool: &DevicePagedKv,
         layer: usize,
         q: &Tensor,
-        table: &[i32],
+        table: &DeviceIndex,
         pos0: usize,
         heads: usize,
         scale: f32,
@@ -1319,16 +1383,13 @@ impl CudaBackend {
         let width = heads * hd;
         let qr = self.rows_of(OP, "q", q, width)?;
         let nq = qr.rows;
-        Self::check_table(OP, pool, table, pos0, nq, window)?;
+        Self::check_table(OP, pool, table.as_slice(), pos0, nq, window)?;
         let mut out = self.alloc(nq * width * 2)?;
         if nq > 0 {
             let kern = FLASH_PAGED_HD96;
             let tk = pos0 + nq;
             let qtiles = nq.div_ceil(kern.bm());
-            let table_dev = self.upload_i32(table)?;
-            let tv = table_dev
-                .view::<i32>(0, table.len().max(1))
-                .ok_or_else(|| backend_err("table view"))?;
+            let tv = self.index_view(table)?;
             let s = self.stream();
             let (qp, _g1) = qr.view.device_ptr(s);
             let (tp, _g2) = tv.device_ptr(s);
@@ -1408,6 +1469,38 @@ impl CudaBackend {
         start
             .elapsed_ms(&end)
             .map_err(|e| driver_err("reading the event timer", e))
+    }
+}
+
+impl CudaBackend {
+    /// Device-to-device copy bandwidth in GB/s ((read + write) bytes / time), the median of
+    /// `reps` copies of `bytes` bytes timed with CUDA events: the memory ceiling benchmarks report
+    /// rates against.
+    pub fn copy_bandwidth_gbs(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let mut src = self.alloc(bytes)?;
+        let mut dst = self.alloc(bytes)?;
+        let s = self.stream();
+        let mut sv = src
+            .view_mut::<u8>(bytes)
+            .ok_or_else(|| backend_err("copy view"))?;
+        let (sp, _g1) = sv.device_ptr_mut(s);
+        let mut dv = dst
+            .view_mut::<u8>(bytes)
+            .ok_or_else(|| backend_err("copy view"))?;
+        let (dp, _g2) = dv.device_ptr_mut(s);
+        let copy = || {
+            // SAFETY: two distinct allocations of `bytes` bytes, queued on their stream.
+            unsafe { cudarc::driver::result::memcpy_dtod_async(dp, sp, bytes, s.cu_stream()) }
+                .map_err(|e| driver_err("device-to-device copy", e))
+        };
+        copy()?; // warm-up
+        let mut t = Vec::with_capacity(reps.max(1));
+        for _ in 0..reps.max(1) {
+            t.push(self.time_ms(copy)? as f64);
+        }
+        t.sort_by(f64::total_cmp);
+        let med = t[t.len() / 2];
+        Ok(2.0 * bytes as f64 / (med * 1e-3) / 1e9)
     }
 }
 
