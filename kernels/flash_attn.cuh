@@ -92,6 +92,12 @@ struct FlashParams {
     int reserved;
 };
 
+// Pin the layout the Rust mirror asserts too (size and a few offsets).
+static_assert(sizeof(FlashParams) == 17 * 8 + 16 * 4, "FlashParams layout changed: update attention.rs");
+static_assert(offsetof(FlashParams, q_stride) == 96 && offsetof(FlashParams, tq) == 136 &&
+                  offsetof(FlashParams, scale) == 168 && offsetof(FlashParams, reserved) == 196,
+              "FlashParams layout changed: update attention.rs");
+
 template <int HD, int MT, int NW, int MODE, int LOG_KW>
 struct FlashCfg {
     static_assert(HD % 8 == 0 && HD >= 16 && HD <= 256, "head dim must be a multiple of 8");

@@ -54,6 +54,10 @@ struct PagedDecodeParams {
     float scale;
 };
 
+static_assert(sizeof(PagedDecodeParams) == 10 * 8 + 8 * 4 && offsetof(PagedDecodeParams, q_stride) == 56 &&
+                  offsetof(PagedDecodeParams, nq) == 80 && offsetof(PagedDecodeParams, scale) == 108,
+              "PagedDecodeParams layout changed: update attention.rs");
+
 constexpr int DECODE_WARPS = 8;
 
 __device__ __forceinline__ void unpack8(uint4 u, float* f) {

@@ -19,6 +19,7 @@
 //!   2^-8 * max|v| (all roundings in one direction; typically far less as they are random);
 //! - the output is rounded to bf16: at most 2^-8 relative;
 //! - f32 accumulation and exp2f: ~1e-6 relative, negligible here.
+//!
 //! With values in [-1, 1]: |err| <= 6e-3 + 8e-3 * |want| (BF16_ATOL, BF16_RTOL) covers the worst
 //! case with margin, while a wrong key, a missed mask, a wrong bias term or a wrong row is O(0.1)
 //! or more, and an element the kernel never wrote is NaN (outputs are allocated poisoned) which
@@ -631,7 +632,11 @@ fn cpu_keep(logits: &[f32], nq: usize, hs: usize, ws: usize, ht: usize, wt: usiz
     let mut r = vec![0f32; nq * ht * wt];
     cpu::resize_bilinear(logits, nq, hs, ws, ht, wt, false, &mut r).unwrap();
     r.iter()
-        .map(|&v| !(1.0 / (1.0 + (-v).exp()) < 0.5))
+        .map(|&v| {
+            // torch blocks where sigmoid < 0.5 (so a NaN logit is kept).
+            let sig = 1.0 / (1.0 + (-v).exp());
+            sig.partial_cmp(&0.5f32) != Some(std::cmp::Ordering::Less)
+        })
         .collect()
 }
 

@@ -86,7 +86,15 @@ struct FlashParams {
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for FlashParams {}
-const _: () = assert!(std::mem::size_of::<FlashParams>() == 17 * 8 + 16 * 4);
+// The same numbers are static_asserted in kernels/flash_attn.cuh.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<FlashParams>() == 17 * 8 + 16 * 4);
+    assert!(offset_of!(FlashParams, q_stride) == 96);
+    assert!(offset_of!(FlashParams, tq) == 136);
+    assert!(offset_of!(FlashParams, scale) == 168);
+    assert!(offset_of!(FlashParams, reserved) == 196);
+};
 
 /// `xsam_paged::PagedDecodeParams` (kernels/paged_attn.cu), field for field.
 #[repr(C)]
@@ -113,7 +121,14 @@ struct PagedDecodeParams {
 }
 // SAFETY: as FlashParams.
 unsafe impl DeviceRepr for PagedDecodeParams {}
-const _: () = assert!(std::mem::size_of::<PagedDecodeParams>() == 10 * 8 + 8 * 4);
+// As static_asserted in kernels/paged_attn.cu.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<PagedDecodeParams>() == 10 * 8 + 8 * 4);
+    assert!(offset_of!(PagedDecodeParams, q_stride) == 56);
+    assert!(offset_of!(PagedDecodeParams, nq) == 80);
+    assert!(offset_of!(PagedDecodeParams, scale) == 108);
+};
 
 /// Threads per flash CTA (4 warps) and keys per tile, as in FlashCfg.
 const FLASH_THREADS: u32 = 128;
@@ -943,7 +958,7 @@ impl CudaBackend {
             let (vp, _g3) = vr.view.device_ptr(s);
             let mv = mask
                 .buf
-                .view::<u32>(0, (tq * mask.words).max(1))
+                .view::<u32>(0, tq * mask.words)
                 .ok_or_else(|| backend_err(format!("{OP}: mask view")))?;
             let (mp, _g4) = mv.device_ptr(s);
             let mut ov = out
