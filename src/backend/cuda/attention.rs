@@ -406,14 +406,19 @@ impl CudaBackend {
             ));
         }
         let rows: usize = dims[..last].iter().product();
-        let stride = if last == 0 { width } else { strides[last - 1] };
-        for i in 0..last.saturating_sub(1) {
-            if dims[i] > 1 && strides[i] != strides[i + 1] * dims[i + 1] {
-                return Err(Error::shape(
-                    op,
-                    format!("{what}: leading dims do not merge into rows ({t:?})"),
-                ));
-            }
+        // Leading dims of size 1 do not move; the others must nest (outer = inner * size).
+        let lead: Vec<(usize, usize)> = dims[..last]
+            .iter()
+            .zip(strides)
+            .filter(|(&d, _)| d > 1)
+            .map(|(&d, &s)| (d, s))
+            .collect();
+        let stride = lead.last().map_or(width, |&(_, s)| s);
+        if lead.windows(2).any(|w| w[0].1 != w[1].1 * w[1].0) {
+            return Err(Error::shape(
+                op,
+                format!("{what}: leading dims do not merge into rows ({t:?})"),
+            ));
         }
         if rows > 1 && stride < width {
             return Err(Error::shape(
