@@ -283,20 +283,7 @@ pub fn write_random_model_with(
         .map(|t| NamedSource::new(t.spec.name.clone(), t))
         .collect();
 
-    let bar = if opts.progress {
-        let b = indicatif::ProgressBar::new(params * 2);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        b.set_message("writing weights");
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::progress::bytes_bar(params * 2, "writing weights", opts.progress);
     let mut on_bytes = |n: u64| bar.inc(n);
     let written = write_model_weights(dir, &named, opts.max_shard_bytes, &mut on_bytes);
     bar.finish_and_clear();

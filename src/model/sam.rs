@@ -34,6 +34,20 @@ impl EncoderGraph {
             .find(|(i, _)| *i == k)
             .map(|&(_, n)| n)
     }
+
+    /// Runs the planned graph on `pixel_values` and returns the kept `(k, hidden_states[k])`.
+    pub(crate) fn run(
+        &self,
+        exec: &mut Executor,
+        plan: &Plan,
+        pixel_values: &Tensor,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        let out = exec.run(&self.graph, plan, &[(self.input, pixel_values)])?;
+        self.hidden_states
+            .iter()
+            .map(|&(k, n)| Ok((k, out.get(n)?.clone())))
+            .collect()
+    }
 }
 
 /// Checks the requested hidden-state indexes against `layers` (0 = embeddings, k = block k).
@@ -203,15 +217,6 @@ impl SamEncoder {
                 pixel_values.shape()
             )));
         }
-        let out = exec.run(
-            &self.built.graph,
-            &self.plan,
-            &[(self.built.input, pixel_values)],
-        )?;
-        self.built
-            .hidden_states
-            .iter()
-            .map(|&(k, n)| Ok((k, out.get(n)?.clone())))
-            .collect()
+        self.built.run(exec, &self.plan, pixel_values)
     }
 }

@@ -175,15 +175,6 @@ impl SiglipEncoder {
                 pixel_values.shape()
             )));
         }
-        let out = exec.run(
-            &self.built.graph,
-            &self.plan,
-            &[(self.built.input, pixel_values)],
-        )?;
-        self.built
-            .hidden_states
-            .iter()
-            .map(|&(k, n)| Ok((k, out.get(n)?.clone())))
-            .collect()
+        self.built.run(exec, &self.plan, pixel_values)
     }
 }

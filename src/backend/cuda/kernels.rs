@@ -30,6 +30,24 @@ pub const KERNEL_NAMES: &[&str] = &[
     // norm.cu
     "layer_norm_f32",
     "rms_norm_f32",
+    // flash_attn.cu
+    "flash_attn_hd64_bf16",
+    "flash_attn_hd72_bf16",
+    "flash_attn_hd96_bf16",
+    "flash_attn_paged_hd96_bf16",
+    "sam_attn_window_bf16",
+    "sam_attn_global_bf16",
+    "sam_attn_global_bm64_bf16",
+    "attn_combine_splits_bf16",
+    // masked_attn.cu
+    "masked_attn_hd32_bf16",
+    "attn_mask_from_logits_bf16",
+    "attn_mask_from_logits_f32",
+    // paged_attn.cu
+    "paged_decode_hd64_bf16",
+    "paged_decode_hd96_bf16",
+    "paged_decode_hd128_bf16",
+    "paged_kv_append_bf16",
 ];
 
 /// True when build.rs found nvcc and the fatbin is embedded.

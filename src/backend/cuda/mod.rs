@@ -9,13 +9,17 @@
 //! - `context`: driver detection (never panics), `CudaBackend` (context, stream, kernel module).
 //! - `buffer`: `DeviceBuffer`, the device storage of a `Tensor`.
 //! - `ops`: host <-> device copies and kernel launchers (`layer_norm`, `rms_norm`, `add`, ...).
+//! - `attention`: flash attention (dense, SAM windowed/global with relative positions, paged
+//!   prefill), Mask2Former masked attention, the device paged KV pool and decode attention.
 //! - `kernels`: what build.rs produced (fatbin, ptxas report path, kernel names).
 
+mod attention;
 mod buffer;
 mod context;
 pub mod kernels;
 mod ops;
 
+pub use attention::{block_table_i32, AttnMaskBits, DevicePagedKv, FlashMask, ATTENTION_KERNELS};
 pub use buffer::DeviceBuffer;
 pub use context::{cuda_available, device_count, driver_version, CudaBackend};
 pub use kernels::kernels_compiled;
