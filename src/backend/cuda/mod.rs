@@ -8,14 +8,21 @@
 //!
 //! - `context`: driver detection (never panics), `CudaBackend` (context, stream, kernel module).
 //! - `buffer`: `DeviceBuffer`, the device storage of a `Tensor`.
-//! - `ops`: host <-> device copies and kernel launchers (`layer_norm`, `rms_norm`, `add`, ...).
+//! - `ops`: host <-> device copies and element-wise launchers (`cast`, `add`, `gelu_erf`).
+//! - `vision`: launchers of the vision/segmentation kernels (row and 2-D norms, softmax, RoPE,
+//!   activations, resize and the mask post-process, pixel shuffle, deformable attention, region
+//!   pooling, embeddings) and benchmark helpers.
 //! - `kernels`: what build.rs produced (fatbin, ptxas report path, kernel names).
 
 mod buffer;
 mod context;
 pub mod kernels;
 mod ops;
+mod vision;
 
 pub use buffer::DeviceBuffer;
 pub use context::{cuda_available, device_count, driver_version, CudaBackend};
 pub use kernels::kernels_compiled;
+pub use vision::{
+    region_points, Gelu, MapLayout, RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS, MAX_ROW,
+};
