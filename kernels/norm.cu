@@ -88,10 +88,7 @@ __device__ __forceinline__ void rms_norm_row(const T* __restrict__ x, const T* _
     float v[ROW_ITEMS];
     xsam_vis::row_load(x + off, m, v, 0.0f);
     if (r != nullptr) {
-        float rv[ROW_ITEMS];
-        xsam_vis::row_load(r + off, m, rv, 0.0f);
-#pragma unroll
-        for (int k = 0; k < ROW_ITEMS; ++k) v[k] = xsam_vis::round_to<T>(v[k] + rv[k]);
+        xsam_vis::row_add(r + off, m, v);  // padding slots stay 0
         if (sum != nullptr) xsam_vis::row_store(sum + off, m, v);
     }
     float sq = 0.0f;

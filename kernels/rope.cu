@@ -4,10 +4,9 @@
 // x, y [tokens, heads, hd] (y may alias x: each pair is read before it is written by the same
 // thread); token t is at position positions[t], or pos_offset + t when positions is null.
 //
-// Angles follow transformers: inv_freq[i] = 1 / theta^(2i/hd) and pos * inv_freq[i] rounded to
-// f32 at each step (2i/hd and the division in f32; the power in f64 and rounded to f32, i.e. a
-// correctly rounded powf), cos and sin of that f32 angle in f64 (sincospi), rounded to f32: the same values
-// as the CPU backend. Under bf16, cos/sin are cast to bf16 and each product and the sum are
+// Angles follow transformers: inv_freq [hd/2] f32 (1 / theta^(2i/hd), computed once on the host
+// with the CPU backend's f32 formula: `rope_inv_freq`), the angle pos * inv_freq[i] rounded to
+// f32, its cos and sin in f64 (sincospi) rounded to f32: the same values as the CPU backend. Under bf16, cos/sin are cast to bf16 and each product and the sum are
 // rounded as in HF's `q * cos + rotate_half(q) * sin`; for f32 the arithmetic is the CPU's
 // (no FMA contraction).
 //
@@ -19,18 +18,16 @@
 namespace xsam_rope {
 
 template <typename T>
-__device__ __forceinline__ void rope(const T* x, T* y, const int* __restrict__ positions,
-                                     int pos_offset, int heads, int hd, float theta) {
+__device__ __forceinline__ void rope(const T* x, T* y, const float* __restrict__ inv_freq,
+                                     const int* __restrict__ positions, int pos_offset, int heads,
+                                     int hd) {
     const int half = hd / 2;
     const int i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= half) return;
     const size_t t = blockIdx.x;
     const int pos = positions != nullptr ? positions[t] : pos_offset + (int)t;
 
-    const float e = __fdiv_rn((float)(2 * i), (float)hd);
-    const float pw = (float)pow((double)theta, (double)e);
-    const float inv_freq = __fdiv_rn(1.0f, pw);
-    const float ang = __fmul_rn((float)pos, inv_freq);
+    const float ang = __fmul_rn((float)pos, inv_freq[i]);
     // sincospi(ang / pi) in f64: its range reduction is exact and needs no local memory (the
     // Payne-Hanek path of cos/sin does); the f64 error (~|ang| * 1e-16) vanishes when rounded to
     // f32.
@@ -54,13 +51,13 @@ __device__ __forceinline__ void rope(const T* x, T* y, const int* __restrict__ p
 
 }  // namespace xsam_rope
 
-XSAM_KERNEL void rope_f32(const float* x, float* y, const int* __restrict__ positions,
-                          int pos_offset, int heads, int hd, float theta) {
-    xsam_rope::rope<float>(x, y, positions, pos_offset, heads, hd, theta);
+XSAM_KERNEL void rope_f32(const float* x, float* y, const float* __restrict__ inv_freq,
+                          const int* __restrict__ positions, int pos_offset, int heads, int hd) {
+    xsam_rope::rope<float>(x, y, inv_freq, positions, pos_offset, heads, hd);
 }
 
 XSAM_KERNEL void rope_bf16(const __nv_bfloat16* x, __nv_bfloat16* y,
-                           const int* __restrict__ positions, int pos_offset, int heads, int hd,
-                           float theta) {
-    xsam_rope::rope<__nv_bfloat16>(x, y, positions, pos_offset, heads, hd, theta);
+                           const float* __restrict__ inv_freq, const int* __restrict__ positions,
+                           int pos_offset, int heads, int hd) {
+    xsam_rope::rope<__nv_bfloat16>(x, y, inv_freq, positions, pos_offset, heads, hd);
 }

@@ -211,6 +211,30 @@ __device__ __forceinline__ void row_store(T* __restrict__ row, const RowMap& m, 
     }
 }
 
+// v[k] = round_to<T>(v[k] + r[slot k]) for every slot, loading r pack by pack (so only 8 extra
+// values are live, not a second row cache).
+template <typename T>
+__device__ __forceinline__ void row_add(const T* __restrict__ r, const RowMap& m, float* v) {
+    if (m.packed) {
+#pragma unroll
+        for (int j = 0; j < ROW_PACKS; ++j) {
+            const int c = 8 * ((int)threadIdx.x + j * (int)blockDim.x);
+            if (c < m.cols) {
+                float t[8];
+                load8(r + c, t);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) v[8 * j + i] = round_to<T>(v[8 * j + i] + t[i]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < ROW_ITEMS; ++k) {
+            const int c = m.col(k);
+            if (c >= 0) v[k] = round_to<T>(v[k] + xsam::load_f32(&r[c]));
+        }
+    }
+}
+
 // Per-column parameters (norm weight, bias) for slots 8j .. 8j+7 of this thread; `dflt` when p is
 // null or past the end of the row.
 template <typename T>

@@ -712,15 +712,34 @@ impl CudaBackend {
 
     // ------------------------------------------------------------------ RoPE
 
+    /// The RoPE frequency table `inv_freq[i] = 1 / theta^(2i / head_dim)` (f32 `[head_dim / 2]`),
+    /// computed on the host with the CPU backend's f32 formula (as transformers computes it) and
+    /// uploaded: make it once per model and pass it to every `rope` call.
+    pub fn rope_inv_freq(&self, head_dim: usize, theta: f32) -> Result<Tensor> {
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(Error::shape(
+                "rope_inv_freq",
+                format!("head_dim {head_dim} must be even and positive"),
+            ));
+        }
+        let f: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let n = f.len();
+        self.to_device(&Tensor::from_f32(f, [n])?)
+    }
+
     /// Rotate-half RoPE (Llama / Phi-3) on `x [T, heads * head_dim]` (or `[T, heads, head_dim]`);
-    /// returns a new tensor of the same shape. Angles as transformers computes them (see
-    /// kernels/rope.cu); positions from `positions`.
+    /// returns a new tensor of the same shape. `inv_freq` from `rope_inv_freq`; the angle
+    /// `pos * inv_freq[i]` is rounded to f32 and its cos/sin are taken in f64, as the CPU backend
+    /// does; under bf16 cos/sin, the products and the sum are rounded as in HF's
+    /// `q * cos + rotate_half(q) * sin`.
     pub fn rope(
         &self,
         x: &Tensor,
         heads: usize,
         head_dim: usize,
-        theta: f32,
+        inv_freq: &Tensor,
         positions: RopePositions<'_>,
     ) -> Result<Tensor> {
         let k = pick("rope", x.dtype(), "rope_f32", "rope_bf16")?;
@@ -730,6 +749,17 @@ impl CudaBackend {
                 format!("head_dim {head_dim} must be even and positive"),
             ));
         }
+        if inv_freq.dims() != [head_dim / 2] {
+            return Err(Error::shape(
+                k,
+                format!(
+                    "inv_freq {} must be [{}] (see rope_inv_freq)",
+                    inv_freq.shape(),
+                    head_dim / 2
+                ),
+            ));
+        }
+        let fp = self.addr(k, inv_freq, DType::F32)?;
         let per_token = heads * head_dim;
         let tokens = x.dims().first().copied().unwrap_or(0);
         if x.numel() != tokens * per_token || x.dims().len() < 2 {
@@ -782,14 +812,14 @@ impl CudaBackend {
             let mut l = self.stream().launch_builder(self.function(k)?);
             l.arg(&xp)
                 .arg(&yp)
+                .arg(&fp)
                 .arg(&pp)
                 .arg(&offset)
                 .arg(&h_i)
-                .arg(&hd_i)
-                .arg(&theta);
-            // SAFETY: rope_T(const T* x, T* y, const int* positions, int pos_offset, int heads,
-            // int hd, float theta); x, y hold T*heads*hd elements, positions T ints or null;
-            // grid (T, ceil(hd/2/32)), block (32, 8).
+                .arg(&hd_i);
+            // SAFETY: rope_T(const T* x, T* y, const float* inv_freq, const int* positions,
+            // int pos_offset, int heads, int hd); x, y hold T*heads*hd elements, inv_freq hd/2
+            // floats, positions T ints or null; grid (T, ceil(hd/2/32)), block (32, 8).
             unsafe { l.launch(launch_cfg((t_u, gy, 1), (32, 8, 1), 0)) }
                 .map_err(|e| driver_err(k, e))?;
         }
