@@ -1388,6 +1388,31 @@ impl CudaBackend {
             .map_err(|e| driver_err("cuEventElapsedTime", e))
     }
 
+    /// Lets the device's stream-ordered memory pool keep up to `bytes` of freed memory instead of
+    /// returning it to the driver at every synchronisation (CUDA's default threshold is 0), so
+    /// that allocations in a repeated workload (a benchmark loop, a forward pass) are pool hits.
+    pub fn set_pool_release_threshold(&self, bytes: u64) -> Result<()> {
+        const OP: &str = "set_pool_release_threshold";
+        let ctx = self.stream().context();
+        ctx.bind_to_thread().map_err(|e| driver_err(OP, e))?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: out-parameter call on a valid device of the bound context.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+            .result()
+            .map_err(|e| driver_err("cuDeviceGetDefaultMemPool", e))?;
+        let mut v: u64 = bytes;
+        // SAFETY: RELEASE_THRESHOLD takes a pointer to a cuuint64_t, which `v` is.
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut v as *mut u64).cast(),
+            )
+        }
+        .result()
+        .map_err(|e| driver_err("cuMemPoolSetAttribute", e))
+    }
+
     /// A device-to-device copy of a contiguous device tensor (the bandwidth ceiling in benches).
     pub fn copy_device(&self, t: &Tensor) -> Result<Tensor> {
         const OP: &str = "copy_device";
