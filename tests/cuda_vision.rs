@@ -389,10 +389,17 @@ fn rms_norm_and_residual_match_reference() {
             let s_want: Vec<f64> = x
                 .iter()
                 .zip(&r)
-                .map(|(&a, &c)| round(a as f64 + c as f64))
+                .map(|(&a, &c)| {
+                    if dt == DType::BF16 {
+                        rb(a as f64 + c as f64)
+                    } else {
+                        (a + c) as f64
+                    }
+                })
                 .collect();
-            // The sum is one addition rounded to T: exact against the f64-then-T reference
-            // (f32: a + b of two f32 is exactly the f64 sum rounded once).
+            // The sum is one addition rounded to T: exact. (bf16: the sum of two bf16 values
+            // is exact in f32 unless their exponents differ by more than 16, so rounding the
+            // f32 sum to bf16 is rounding the exact sum.)
             assert_close(
                 &format!("rms_norm_residual sum {dt} [{rows}, {cols}]"),
                 &host(&b, &s),
@@ -787,10 +794,10 @@ fn rope_matches_cpu() {
                     // HF under bf16: cos/sin in bf16, products and sum rounded.
                     let half = hd / 2;
                     let mut w = vec![0.0f64; x.len()];
-                    for t in 0..tokens {
+                    for (t, &pos) in positions.iter().enumerate() {
                         for i in 0..half {
                             let f = 1.0f32 / theta.powf((2 * i) as f32 / hd as f32);
-                            let a = (positions[t] as f32 * f) as f64;
+                            let a = (pos as f32 * f) as f64;
                             let (c, s) = (rb(a.cos() as f32 as f64), rb(a.sin() as f32 as f64));
                             for h in 0..heads {
                                 let base = (t * heads + h) * hd;
@@ -864,6 +871,7 @@ fn resize_bilinear_matches_cpu() {
 }
 
 /// The reference two-step: resize to pad x pad (align_corners=False), stored as T, crop, resize.
+#[allow(clippy::too_many_arguments)]
 fn mask_post_ref(
     x: &[f32],
     qn: usize,
