@@ -80,42 +80,40 @@ __device__ __forceinline__ void ms_deform_attn(const T* __restrict__ value,
         ry = __fdiv_rn((float)i + 0.5f, (float)lh);
     }
 
-    // Softmax over the 12 logits of (q, h): lane holds samples lane, lane + G, ...
+    // Softmax over the 12 logits of (q, h). Lane `lane` owns samples lane, lane + G, ... (one
+    // sample per lane when G >= 12); the loops are not unrolled, so a warp runs each step once
+    // per owned sample rather than once per sample. The exponentials wait in cr.w[s][0], which
+    // only the owning lane touches until it writes the final corner weights.
     const T* lrow = logits + (size_t)q * logit_stride + (size_t)h * SAMPLES;
-    float lg[SAMPLES];  // only the entries this lane owns are meaningful
     float m = xsam_vis::neg_inf();
-#pragma unroll
-    for (int s = 0; s < SAMPLES; ++s) {
-        lg[s] = 0.0f;
-        if (s % group == lane && active) {
-            lg[s] = xsam::load_f32(&lrow[s]);
-            m = xsam_vis::nan_max(m, lg[s]);
-        }
+#pragma unroll 1
+    for (int s = lane; s < SAMPLES; s += group) {
+        const float v = active ? xsam::load_f32(&lrow[s]) : 0.0f;
+        cr.w[s][0] = v;
+        m = xsam_vis::nan_max(m, v);
     }
     for (int off = group / 2; off > 0; off >>= 1)
         m = xsam_vis::nan_max(m, __shfl_xor_sync(xsam::FULL_MASK, m, off, group));
     float sum = 0.0f;
-#pragma unroll
-    for (int s = 0; s < SAMPLES; ++s) {
-        if (s % group == lane && active) {
-            lg[s] = expf(lg[s] - m);
-            sum += lg[s];
-        }
+#pragma unroll 1
+    for (int s = lane; s < SAMPLES; s += group) {
+        const float e = expf(cr.w[s][0] - m);
+        cr.w[s][0] = e;
+        sum += e;
     }
     for (int off = group / 2; off > 0; off >>= 1)
         sum += __shfl_xor_sync(xsam::FULL_MASK, sum, off, group);
 
     // Corners of the samples this lane owns.
     const T* orow = offsets + (size_t)q * off_stride + (size_t)h * SAMPLES * 2;
-#pragma unroll
-    for (int s = 0; s < SAMPLES; ++s) {
-        if (s % group != lane) continue;
-        // s is a compile-time constant here (unrolled), so these selects fold away.
+#pragma unroll 1
+    for (int s = lane; s < SAMPLES; s += group) {
+        // Level of sample s by selects (an array indexed by l would live in local memory).
         const int l = s / POINTS;
         const int lw = l == 0 ? w0 : (l == 1 ? w1 : w2);
         const int lstart = l == 0 ? 0 : (l == 1 ? start1 : start2);
         const float Wf = (float)lw, Hf = (float)(l == 0 ? h0 : (l == 1 ? h1 : h2));
-        const float a = active ? __fdiv_rn(lg[s], sum) : 0.0f;
+        const float a = active ? __fdiv_rn(cr.w[s][0], sum) : 0.0f;
         const float ox = active ? xsam::load_f32(&orow[2 * s]) : 0.0f;
         const float oy = active ? xsam::load_f32(&orow[2 * s + 1]) : 0.0f;
         // loc = ref + off / (W, H); grid = 2 loc - 1; ix = ((grid + 1) W - 1) / 2.
@@ -129,19 +127,19 @@ __device__ __forceinline__ void ms_deform_attn(const T* __restrict__ value,
         // Distances to the far corners (torch's nw/ne/sw/se weights).
         const float ex = __fsub_rn(__fadd_rn(fx, 1.0f), ix), dx = __fsub_rn(ix, fx);
         const float ey = __fsub_rn(__fadd_rn(fy, 1.0f), iy), dy = __fsub_rn(iy, fy);
-        const float wts[4] = {__fmul_rn(ex, ey), __fmul_rn(dx, ey), __fmul_rn(ex, dy),
-                              __fmul_rn(dx, dy)};
         // Validity in float space first (NaN and huge coordinates fail every comparison, and
         // nothing out of range is ever converted to int).
-        const bool vx[2] = {fx >= 0.0f && fx < Wf, fx + 1.0f >= 0.0f && fx + 1.0f < Wf};
-        const bool vy[2] = {fy >= 0.0f && fy < Hf, fy + 1.0f >= 0.0f && fy + 1.0f < Hf};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int cx = k & 1, cy = k >> 1;
-            const bool ok = active && vx[cx] && vy[cy];
-            cr.row[s][k] = ok ? lstart + ((int)fy + cy) * lw + ((int)fx + cx) : -1;
-            cr.w[s][k] = __fmul_rn(wts[k], a);
-        }
+        const bool x0 = fx >= 0.0f && fx < Wf, x1 = fx + 1.0f >= 0.0f && fx + 1.0f < Wf;
+        const bool y0 = fy >= 0.0f && fy < Hf, y1 = fy + 1.0f >= 0.0f && fy + 1.0f < Hf;
+        const int base = (x0 || x1) && (y0 || y1) ? lstart + (int)fy * lw + (int)fx : 0;
+        cr.row[s][0] = active && x0 && y0 ? base : -1;
+        cr.row[s][1] = active && x1 && y0 ? base + 1 : -1;
+        cr.row[s][2] = active && x0 && y1 ? base + lw : -1;
+        cr.row[s][3] = active && x1 && y1 ? base + lw + 1 : -1;
+        cr.w[s][0] = __fmul_rn(__fmul_rn(ex, ey), a);
+        cr.w[s][1] = __fmul_rn(__fmul_rn(dx, ey), a);
+        cr.w[s][2] = __fmul_rn(__fmul_rn(ex, dy), a);
+        cr.w[s][3] = __fmul_rn(__fmul_rn(dx, dy), a);
     }
     __syncwarp();
 

@@ -36,15 +36,17 @@ __device__ __forceinline__ void resize_bilinear(const T* __restrict__ x, T* __re
                                                 size_t planes, int h, int w, int oh, int ow,
                                                 bool align_corners) {
     const size_t rows = planes * oh;
+    const xsam_vis::Axis ay = xsam_vis::make_axis(h, oh, align_corners);
+    const xsam_vis::Axis ax = xsam_vis::make_axis(w, ow, align_corners);
     for (size_t r = (size_t)blockIdx.x * blockDim.y + threadIdx.y; r < rows;
          r += (size_t)gridDim.x * blockDim.y) {
         const size_t plane = r / oh;
         const int oy = (int)(r % oh);
-        const Taps ty = xsam_vis::linear_taps(h, oh, align_corners, oy);
+        const Taps ty = xsam_vis::linear_taps(ay, oy);
         const T* img = x + plane * h * w;
         T* out = y + r * ow;
         for (int ox = threadIdx.x; ox < ow; ox += blockDim.x) {
-            const Taps tx = xsam_vis::linear_taps(w, ow, align_corners, ox);
+            const Taps tx = xsam_vis::linear_taps(ax, ox);
             xsam::store_f32(&out[ox], sample(img, w, ty, tx));
         }
     }
@@ -55,21 +57,26 @@ __device__ __forceinline__ void mask_postprocess(const T* __restrict__ x, T* __r
                                                  int q, int h, int w, int S, int newh, int neww,
                                                  int H0, int W0) {
     const size_t rows = (size_t)q * H0;
+    // stage 1: h x w -> S x S; stage 2: newh x neww -> H0 x W0 (both align_corners=False)
+    const xsam_vis::Axis ay1 = xsam_vis::make_axis(h, S, false);
+    const xsam_vis::Axis ax1 = xsam_vis::make_axis(w, S, false);
+    const xsam_vis::Axis ay2 = xsam_vis::make_axis(newh, H0, false);
+    const xsam_vis::Axis ax2 = xsam_vis::make_axis(neww, W0, false);
     for (size_t r = (size_t)blockIdx.x * blockDim.y + threadIdx.y; r < rows;
          r += (size_t)gridDim.x * blockDim.y) {
         const size_t plane = r / H0;
         const int oy = (int)(r % H0);
         // Stage 2 (newh x neww crop -> H0 x W0) vertical taps, and stage 1 (h x w -> S x S)
         // vertical taps of the two intermediate rows they touch.
-        const Taps ty2 = xsam_vis::linear_taps(newh, H0, false, oy);
-        const Taps ty1a = xsam_vis::linear_taps(h, S, false, ty2.i0);
-        const Taps ty1b = xsam_vis::linear_taps(h, S, false, ty2.i1);
+        const Taps ty2 = xsam_vis::linear_taps(ay2, oy);
+        const Taps ty1a = xsam_vis::linear_taps(ay1, ty2.i0);
+        const Taps ty1b = xsam_vis::linear_taps(ay1, ty2.i1);
         const T* img = x + plane * h * w;
         T* out = y + r * W0;
         for (int ox = threadIdx.x; ox < W0; ox += blockDim.x) {
-            const Taps tx2 = xsam_vis::linear_taps(neww, W0, false, ox);
-            const Taps tx1a = xsam_vis::linear_taps(w, S, false, tx2.i0);
-            const Taps tx1b = xsam_vis::linear_taps(w, S, false, tx2.i1);
+            const Taps tx2 = xsam_vis::linear_taps(ax2, ox);
+            const Taps tx1a = xsam_vis::linear_taps(ax1, tx2.i0);
+            const Taps tx1b = xsam_vis::linear_taps(ax1, tx2.i1);
             // intermediate I(y, x) at the four stage-2 taps, stored as T by torch
             const float i00 = xsam_vis::round_to<T>(sample(img, w, ty1a, tx1a));
             const float i01 = xsam_vis::round_to<T>(sample(img, w, ty1a, tx1b));

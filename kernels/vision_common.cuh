@@ -101,15 +101,34 @@ __device__ __forceinline__ float block_nan_max(float v, float* scratch) {
 // Bilinear source taps along one axis for torch's upsample_bilinear2d (antialias=False), exactly
 // as the CPU backend's `linear_taps`: f32 index arithmetic, clamping and the copy special case when
 // the size is unchanged. The explicit __fmul_rn/__fadd_rn stop nvcc from contracting into FMAs,
-// so the taps are bit-identical to the host's.
+// so the taps are bit-identical to the host's. `Axis` holds the per-axis scale (one IEEE division,
+// computed once per kernel instead of once per output pixel).
 struct Taps {
     int i0, i1;
     float w0, w1;
 };
 
-__device__ __forceinline__ Taps linear_taps(int input, int output, bool align_corners, int o) {
+struct Axis {
+    int input, output;
+    bool align_corners;
+    float scale;
+};
+
+__device__ __forceinline__ Axis make_axis(int input, int output, bool align_corners) {
+    Axis a;
+    a.input = input;
+    a.output = output;
+    a.align_corners = align_corners;
+    if (align_corners)
+        a.scale = output > 1 ? __fdiv_rn((float)input - 1.0f, (float)output - 1.0f) : 0.0f;
+    else
+        a.scale = __fdiv_rn((float)input, (float)output);
+    return a;
+}
+
+__device__ __forceinline__ Taps linear_taps(const Axis& a, int o) {
     Taps t;
-    if (input == output) {
+    if (a.input == a.output) {
         t.i0 = o;
         t.i1 = o;
         t.w0 = 1.0f;
@@ -117,21 +136,18 @@ __device__ __forceinline__ Taps linear_taps(int input, int output, bool align_co
         return t;
     }
     float src;
-    if (align_corners) {
-        const float scale =
-            output > 1 ? __fdiv_rn((float)input - 1.0f, (float)output - 1.0f) : 0.0f;
-        src = __fmul_rn(scale, (float)o);
+    if (a.align_corners) {
+        src = __fmul_rn(a.scale, (float)o);
     } else {
-        const float scale = __fdiv_rn((float)input, (float)output);
-        src = __fadd_rn(__fmul_rn(scale, __fadd_rn((float)o, 0.5f)), -0.5f);
+        src = __fadd_rn(__fmul_rn(a.scale, __fadd_rn((float)o, 0.5f)), -0.5f);
         if (src < 0.0f) src = 0.0f;
     }
     int i0 = (int)floorf(src);
-    if (i0 > input - 1) i0 = input - 1;
+    if (i0 > a.input - 1) i0 = a.input - 1;
     float l1 = __fsub_rn(src, (float)i0);
     l1 = fminf(fmaxf(l1, 0.0f), 1.0f);
     t.i0 = i0;
-    t.i1 = i0 < input - 1 ? i0 + 1 : i0;
+    t.i1 = i0 < a.input - 1 ? i0 + 1 : i0;
     t.w0 = __fsub_rn(1.0f, l1);
     t.w1 = l1;
     return t;
