@@ -226,7 +226,9 @@ fn is_model_file(name: &str) -> bool {
         || name.ends_with(".safetensors.partial")
 }
 
-fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
+/// Creates `dir`, or checks that it is empty; with `force`, removes the model files already in
+/// it (so no stale shard or index survives next to new ones).
+pub(crate) fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
     if dir.exists() {
         if !dir.is_dir() {
             return Err(Error::Input(format!(

@@ -5,8 +5,10 @@
 //! component).
 
 pub mod backend;
+pub mod convert;
 pub mod error;
 pub mod graph;
+pub mod image;
 pub mod init;
 pub mod kv;
 pub mod model;

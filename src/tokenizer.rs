@@ -266,6 +266,14 @@ fn base_pieces() -> (Vec<String>, Vec<(String, String)>) {
 
 /// Builds the Phi-3-layout tokenizer described in the module docs.
 pub fn synthesize_tokenizer() -> Result<Tokenizer> {
+    let mut tok = synthesize_base_tokenizer()?;
+    add_xsam_tokens(&mut tok)?;
+    Ok(tok)
+}
+
+/// The synthesised tokenizer without X-SAM's three tokens: the layout of Phi-3's own
+/// `tokenizer.json` (32011 tokens, ids 0..=32010), as `xsam convert` receives it.
+pub fn synthesize_base_tokenizer() -> Result<Tokenizer> {
     let terr = |e: tokenizers::Error| Error::Tokenizer(format!("building the tokenizer: {e}"));
     let (pieces, merges) = base_pieces();
     let mut vocab_list: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
@@ -310,12 +318,11 @@ pub fn synthesize_tokenizer() -> Result<Tokenizer> {
     let all: Vec<AddedToken> = ["<unk>", "<s>", "</s>"]
         .iter()
         .chain(PHI3_ADDED.iter())
-        .chain(XSAM_ADDED.iter())
         .map(|s| special(s))
         .collect();
     tok.add_special_tokens(&all);
     // The ids are an interface: check them.
-    for (i, s) in PHI3_ADDED.iter().chain(XSAM_ADDED.iter()).enumerate() {
+    for (i, s) in PHI3_ADDED.iter().enumerate() {
         let want = (BASE_VOCAB + i) as u32;
         if tok.token_to_id(s) != Some(want) {
             return Err(Error::Tokenizer(format!(
@@ -325,6 +332,61 @@ pub fn synthesize_tokenizer() -> Result<Tokenizer> {
         }
     }
     Ok(tok)
+}
+
+/// Token count of Phi-3's tokenizer (32000 pieces + 11 added tokens): X-SAM's first token
+/// gets this id.
+pub const PHI3_VOCAB: usize = BASE_VOCAB + PHI3_ADDED.len();
+
+/// Adds X-SAM's `<SEG>`, `<p>`, `</p>` to a Phi-3 tokenizer as special added tokens (not
+/// normalized, no stripping), as X-SAM's `tokenizer.add_tokens(..., special_tokens=True)`
+/// does; they must get ids 32011, 32012, 32013.
+///
+/// The tokenizer must have exactly 32011 tokens (Phi-3's), else the ids would differ and the
+/// embedding rows would not match: that is an error. A tokenizer that already has the three
+/// tokens at those ids (32014 tokens) is left as it is; returns whether tokens were added.
+pub fn add_xsam_tokens(tok: &mut Tokenizer) -> Result<bool> {
+    let want = |i: usize| (PHI3_VOCAB + i) as u32;
+    let n = tok.get_vocab_size(true);
+    let already = XSAM_ADDED
+        .iter()
+        .enumerate()
+        .all(|(i, s)| tok.token_to_id(s) == Some(want(i)));
+    if already && n == VOCAB_SIZE {
+        return Ok(false);
+    }
+    if n != PHI3_VOCAB {
+        return Err(Error::Tokenizer(format!(
+            "the base tokenizer has {n} tokens; Phi-3's has {PHI3_VOCAB} ({BASE_VOCAB} pieces + \
+             {} added tokens), which puts <SEG>, <p>, </p> at ids {}..={} as the checkpoint \
+             expects",
+            PHI3_ADDED.len(),
+            want(0),
+            want(2)
+        )));
+    }
+    let tokens: Vec<AddedToken> = XSAM_ADDED
+        .iter()
+        .map(|s| {
+            AddedToken::from(s.to_string(), true)
+                .normalized(false)
+                .lstrip(false)
+                .rstrip(false)
+                .single_word(false)
+        })
+        .collect();
+    tok.add_special_tokens(&tokens);
+    for (i, s) in XSAM_ADDED.iter().enumerate() {
+        if tok.token_to_id(s) != Some(want(i)) {
+            return Err(Error::Tokenizer(format!(
+                "`{s}` got id {:?} after adding it, expected {} (is it already in the base \
+                 vocabulary?)",
+                tok.token_to_id(s),
+                want(i)
+            )));
+        }
+    }
+    Ok(true)
 }
 
 /// Writes the synthesised tokenizer to `path` (`tokenizer.json`).

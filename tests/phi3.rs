@@ -242,3 +242,49 @@ fn prompt_longer_than_the_context_is_a_clear_error() {
     assert!(err.to_string().contains("too long"), "{err}");
     assert_eq!(kv.blocks_in_use(), 0);
 }
+
+#[test]
+fn splicing_reproduces_the_reference_inputs_embeds() {
+    use xsam::model::splice::splice;
+    use xsam::task::prompt::PromptToken;
+    let fx = Fx::load();
+    let m = model(&fx);
+    let d = m.config().hidden_size;
+    let ids = fx.i64s("case_c.input_ids");
+    let (_, embeds) = fx.f32s("case_c.inputs_embeds");
+    let (_, injected) = fx.f32s("case_c.injected_vectors");
+    let pos: Vec<usize> = fx
+        .i64s("case_c.injected_positions")
+        .iter()
+        .map(|&p| p as usize)
+        .collect();
+    // The fixture injects a contiguous block (an image stand-in, id -200) and single vectors (-300).
+    let mut tokens = vec![];
+    let mut image_rows = vec![];
+    let mut regions = vec![];
+    for (i, &id) in ids.iter().enumerate() {
+        let k = pos.iter().position(|&p| p == i);
+        match id {
+            -200 => {
+                image_rows.extend_from_slice(&injected[k.unwrap() * d..][..d]);
+                if i == 0 || ids[i - 1] != -200 {
+                    tokens.push(PromptToken::Image);
+                }
+            }
+            -300 => {
+                tokens.push(PromptToken::Region(regions.len()));
+                regions.push(injected[k.unwrap() * d..][..d].to_vec());
+            }
+            id => tokens.push(PromptToken::Id(id as u32)),
+        }
+    }
+    let n_img = image_rows.len() / d;
+    let image = Tensor::from_f32(image_rows, [n_img, d]).unwrap();
+    let s = splice(&m, &tokens, Some(&image), &regions).unwrap();
+    assert_eq!(s.embeds.to_vec_f32().unwrap(), embeds);
+    assert_eq!(s.image.map(|(p, n)| (p, n)), Some((pos[0], n_img)));
+    assert_eq!(s.regions.len(), regions.len());
+    // Missing pieces are errors, not panics.
+    assert!(splice(&m, &tokens, None, &regions).is_err());
+    assert!(splice(&m, &tokens, Some(&image), &[]).is_err());
+}

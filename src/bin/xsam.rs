@@ -22,6 +22,10 @@ enum Command {
     /// Write a random model directory (config.json, weights, tokenizer.json) for tests and
     /// benchmarks.
     Init(InitArgs),
+    /// Convert the released PyTorch checkpoint (pytorch_model.bin) and Phi-3's tokenizer.json
+    /// into a model directory (bf16 safetensors sharded at 4 GB, config.json, tokenizer.json
+    /// with <SEG>, <p>, </p> added).
+    Convert(ConvertArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -85,9 +89,103 @@ fn run_init(a: &InitArgs) -> xsam::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args, Debug)]
+struct ConvertArgs {
+    /// The torch.save checkpoint (`pytorch_model.bin` of hao9610/X-SAM, s3_mixed_finetune).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Phi-3-mini-4k-instruct's `tokenizer.json` (32011 tokens).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output model directory (created if absent; must be empty unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// config.json of the checkpoint's geometry (default: the released X-SAM geometry).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Write into a non-empty directory, replacing the model files there.
+    #[arg(long)]
+    force: bool,
+    /// No progress bar, warnings or summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `a, b, c and 4 more`.
+fn some_names(names: &[String], n: usize) -> String {
+    let mut s = names
+        .iter()
+        .take(n)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > n {
+        s.push_str(&format!(" and {} more", names.len() - n));
+    }
+    s
+}
+
+fn run_convert(a: &ConvertArgs) -> xsam::Result<()> {
+    let config = match &a.config {
+        Some(p) => Some(xsam::Config::load(p)?),
+        None => None,
+    };
+    let opts = xsam::convert::ConvertOptions {
+        config,
+        progress: !a.quiet,
+        force: a.force,
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    let s = xsam::convert::convert_checkpoint(&a.checkpoint, &a.tokenizer, &a.out, &opts)?;
+    if !a.quiet {
+        if !s.skipped.is_empty() {
+            eprintln!(
+                "warning: skipped {} checkpoint tensor(s) X-SAM inference does not use: {}",
+                s.skipped.len(),
+                some_names(&s.skipped, 5)
+            );
+        }
+        if !s.skipped_unused.is_empty() {
+            eprintln!(
+                "warning: skipped {} unused tensor(s) that do not match the table: {}",
+                s.skipped_unused.len(),
+                some_names(&s.skipped_unused, 3)
+            );
+        }
+        if !s.non_tensor_keys.is_empty() {
+            eprintln!(
+                "warning: ignored {} state-dict entr(ies) that are not tensors: {}",
+                s.non_tensor_keys.len(),
+                some_names(&s.non_tensor_keys, 5)
+            );
+        }
+        let dtypes = s
+            .source_dtypes
+            .iter()
+            .map(|(d, n)| format!("{n} {d}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let files = s.weights.files.len() + usize::from(s.weights.index.is_some());
+        eprintln!(
+            "converted {} to {}: {} tensors ({dtypes}; written as bf16), {} parameters, \
+             {:.2} GB in {} weight file(s), {:.1} s",
+            a.checkpoint.display(),
+            s.dir.display(),
+            s.tensors,
+            s.params,
+            s.weights.file_bytes as f64 / 1e9,
+            files,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 fn dispatch(cli: &Cli) -> xsam::Result<()> {
     match &cli.command {
         Command::Init(a) => run_init(a),
+        Command::Convert(a) => run_convert(a),
     }
 }
 

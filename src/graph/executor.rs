@@ -466,6 +466,88 @@ fn run_node(
             let cols = shape(0)[1];
             cpu::gather_rows(v[0].weight_ref()?, cols, ids, out)?;
         }
+        // ---- image encoders (feat/enc) ----
+        Op::SamAttention {
+            heads,
+            window,
+            grid_h,
+            grid_w,
+        } => {
+            let geom = cpu::SamAttnGeom {
+                grid_h: *grid_h,
+                grid_w: *grid_w,
+                heads: *heads,
+                dim: node.shape.last(),
+                window: *window,
+            };
+            let bias = v.get(3).map(|b| b.f32s()).transpose()?;
+            let (rh, rw) = (v[1].f32s()?, v[2].f32s()?);
+            cpu::sam_attention(&v[0].f32s()?, bias.as_deref(), &rh, &rw, geom, out)?;
+        } // ---- end image encoders ----
+        Op::Seg(op) => run_seg_op(op, graph, node, v, out)?,
+    }
+    Ok(())
+}
+
+// ==================================================================================================
+// Segmentation ops (feat/seg)
+// ==================================================================================================
+
+fn run_seg_op(
+    op: &super::op::SegOp,
+    graph: &Graph,
+    node: &super::Node,
+    v: &[Val],
+    out: &mut [f32],
+) -> Result<()> {
+    use super::op::SegOp;
+    match op {
+        SegOp::MsDeformAttn {
+            heads,
+            points,
+            levels,
+        } => {
+            let vd = graph.node(node.inputs[0]).shape.dims()[1];
+            let nq = node.shape.dims()[0];
+            let refs: Cow<[f32]> = match v.get(3) {
+                Some(r) => r.f32s()?,
+                None => Cow::Owned(cpu::deform_reference_points(levels)),
+            };
+            cpu::ms_deform_attn(
+                &v[0].f32s()?,
+                levels,
+                &refs,
+                &v[1].f32s()?,
+                &v[2].f32s()?,
+                nq,
+                *heads,
+                vd / heads,
+                *points,
+                out,
+            )?;
+        }
+        SegOp::MaskKeep => {
+            for (o, &x) in out.iter_mut().zip(v[0].f32s()?.iter()) {
+                // torch: sigmoid(x) < 0.5 blocks
+                let p = 1.0 / (1.0 + (-x).exp());
+                *o = if p < 0.5 { 0.0 } else { 1.0 };
+            }
+        }
+        SegOp::L2Normalize { eps } => {
+            let cols = node.shape.last().max(1);
+            let x = v[0].f32s()?;
+            for (o, r) in out.chunks_mut(cols).zip(x.chunks(cols)) {
+                let n = r.iter().map(|a| a * a).sum::<f32>().sqrt().max(*eps);
+                for (o, &a) in o.iter_mut().zip(r) {
+                    *o = a / n;
+                }
+            }
+        }
+        SegOp::Clamp { min, max } => {
+            for (o, &x) in out.iter_mut().zip(v[0].f32s()?.iter()) {
+                *o = x.clamp(*min, *max);
+            }
+        }
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ pub mod op;
 pub mod planner;
 
 pub use executor::{Executor, Outputs};
-pub use op::Op;
+pub use op::{Op, SegOp};
 pub use planner::Plan;
 
 use crate::{DType, Error, Result, Shape, Tensor};

@@ -115,6 +115,21 @@ pub enum Op {
     Gather {
         ids: Vec<u32>,
     },
+    // ---- image encoders (feat/enc) ----
+    /// SAM ViT attention with window partition and decomposed relative positions
+    /// (`backend::cpu::sam_attention`): inputs `qkv [grid_h*grid_w, 3C], rel_pos_h [2Kh-1, hd],
+    /// rel_pos_w [2Kw-1, hd][, qkv_bias [3C]]` -> `[grid_h*grid_w, C]`; K = `window` or the grid
+    /// (global). Padded window positions are zero tokens through the qkv linear (= the bias).
+    SamAttention {
+        heads: usize,
+        window: Option<usize>,
+        grid_h: usize,
+        grid_w: usize,
+    },
+    // ---- end image encoders ----
+    // ---- segmentation ops (feat/seg): see `SegOp` at the end of this file ----
+    Seg(SegOp),
+    // ---- end segmentation ops ----
 }
 
 fn same(a: &Shape, b: &Shape, what: &str) -> Result<(), String> {
@@ -170,6 +185,8 @@ impl Op {
             Op::Permute(_) => "permute",
             Op::Narrow { .. } => "narrow",
             Op::Gather { .. } => "gather",
+            Op::SamAttention { .. } => "sam_attention",
+            Op::Seg(s) => s.kind(),
         }
     }
 
@@ -449,6 +466,119 @@ impl Op {
                     return Err(format!("id {bad} out of range for {rows} rows"));
                 }
                 Ok(Shape::new(vec![ids.len(), ins[0].dims()[1]]))
+            }
+            // ---- image encoders (feat/enc) ----
+            Op::SamAttention {
+                heads,
+                window,
+                grid_h,
+                grid_w,
+            } => {
+                want(3..=4)?;
+                let qkv = ins[0].dims();
+                let t = grid_h * grid_w;
+                if qkv.len() != 2 || qkv[0] != t || qkv[1] % 3 != 0 || t == 0 {
+                    return Err(format!("qkv {} is not [{grid_h}*{grid_w}, 3C]", ins[0]));
+                }
+                let c = qkv[1] / 3;
+                if *heads == 0 || c % heads != 0 || *window == Some(0) {
+                    return Err(format!(
+                        "{heads} heads over {c} channels, window {window:?}"
+                    ));
+                }
+                let hd = c / heads;
+                let (sh, sw) = window.map_or((*grid_h, *grid_w), |w| (w, w));
+                for (s, side, what) in [(ins[1], sh, "rel_pos_h"), (ins[2], sw, "rel_pos_w")] {
+                    if s.dims() != [2 * side - 1, hd] {
+                        return Err(format!("{what} {s} is not [{}, {hd}]", 2 * side - 1));
+                    }
+                }
+                if ins.len() == 4 && ins[3].dims() != [3 * c] {
+                    return Err(format!("qkv bias {} is not [{}]", ins[3], 3 * c));
+                }
+                Ok(Shape::new(vec![t, c]))
+            } // ---- end image encoders ----
+            Op::Seg(s) => s.infer_shape(ins),
+        }
+    }
+}
+
+// ==================================================================================================
+// Segmentation ops (feat/seg): the pixel decoder's deformable attention and the pieces of the
+// masked-attention decoder and class head that the general ops do not cover.
+// ==================================================================================================
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SegOp {
+    /// Multi-scale deformable attention (`backend::cpu::ms_deform_attn`). Inputs
+    /// `value [Σ h·w, heads·hd]`, `offsets [Nq, heads·levels·points·2]`,
+    /// `logits [Nq, heads·levels·points]` and optionally `reference [Nq, 2]`; without it the
+    /// queries are the value tokens (`Nq = Σ h·w`) with references at their pixel centres.
+    /// Output `[Nq, heads·hd]`.
+    MsDeformAttn {
+        heads: usize,
+        points: usize,
+        /// `(h, w)` per level, in the order of the value rows.
+        levels: Vec<(usize, usize)>,
+    },
+    /// Mask2Former's attention mask: 1 where `sigmoid(x) >= 0.5` (attend), 0 where it blocks.
+    MaskKeep,
+    /// `x / max(||x||₂, eps)` over the last dim (`F.normalize`).
+    L2Normalize { eps: f32 },
+    /// `min(max(x, min), max)`.
+    Clamp { min: f32, max: f32 },
+}
+
+impl SegOp {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SegOp::MsDeformAttn { .. } => "ms_deform_attn",
+            SegOp::MaskKeep => "mask_keep",
+            SegOp::L2Normalize { .. } => "l2_normalize",
+            SegOp::Clamp { .. } => "clamp",
+        }
+    }
+
+    pub fn infer_shape(&self, ins: &[&Shape]) -> Result<Shape, String> {
+        match self {
+            SegOp::MsDeformAttn {
+                heads,
+                points,
+                levels,
+            } => {
+                if ins.len() != 3 && ins.len() != 4 {
+                    return Err(format!("expects 3 or 4 inputs, got {}", ins.len()));
+                }
+                let (v, o, l) = (ins[0].dims(), ins[1].dims(), ins[2].dims());
+                let nv: usize = levels.iter().map(|&(h, w)| h * w).sum();
+                let lp = levels.len() * points;
+                if v.len() != 2 || v[0] != nv || *heads == 0 || v[1] % heads != 0 {
+                    return Err(format!(
+                        "value {v:?} is not [{nv}, heads*hd] for {heads} heads"
+                    ));
+                }
+                let nq = o.first().copied().unwrap_or(0);
+                if o != [nq, heads * lp * 2] || l != [nq, heads * lp] {
+                    return Err(format!(
+                        "offsets {o:?} / logits {l:?} do not match {heads} heads x {lp} points"
+                    ));
+                }
+                if ins.len() == 4 {
+                    if ins[3].dims() != [nq, 2] {
+                        return Err(format!("reference {} is not [{nq}, 2]", ins[3]));
+                    }
+                } else if nq != nv {
+                    return Err(format!(
+                        "{nq} queries without references need {nv} (= value rows)"
+                    ));
+                }
+                Ok(Shape::new(vec![nq, v[1]]))
+            }
+            SegOp::MaskKeep | SegOp::L2Normalize { .. } | SegOp::Clamp { .. } => {
+                if ins.len() != 1 {
+                    return Err(format!("expects 1 input, got {}", ins.len()));
+                }
+                Ok(ins[0].clone())
             }
         }
     }

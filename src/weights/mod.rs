@@ -9,8 +9,11 @@
 //! * Every failure is an [`Error`]: `MissingTensor` (full name and where it was looked for),
 //!   `TensorShape` (full name, expected and found shape), or `Weights` (file and what is wrong
 //!   with it). Nothing here panics on a bad file.
+//! * [`torch::TorchCheckpoint`] reads PyTorch's `torch.save` files (zip + pickle) for
+//!   `xsam convert`.
 
 mod safetensors;
+pub mod torch;
 mod writer;
 
 pub use writer::{

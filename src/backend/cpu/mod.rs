@@ -10,21 +10,25 @@ mod simd;
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod deform;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
 pub mod resize;
 pub mod rope;
+pub mod sam_attention;
 pub mod shuffle;
 
 pub use activation::{erf, gelu_erf, gelu_tanh, relu, silu, silu_gate, softmax_rows};
 pub use attention::{attention, AttnBias, AttnMask};
 pub use conv::conv2d;
+pub use deform::*;
 pub use elementwise::{add, add_broadcast_rows, concat, gather_rows, mul, scale, transpose2d};
 pub use matmul::{batched_matmul, linear, matmul, WeightRef};
 pub use norm::{group_norm, layer_norm, layer_norm_channels_first, rms_norm};
 pub use resize::{grid_sample_bilinear, resize_bilinear};
 pub use rope::rope;
+pub use sam_attention::{sam_attention, SamAttnGeom};
 pub use shuffle::{pixel_shuffle_down, pixel_shuffle_up};
 
 use crate::{Error, Result};

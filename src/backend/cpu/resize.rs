@@ -6,10 +6,10 @@ use crate::{Error, Result};
 use rayon::prelude::*;
 
 /// Source taps of one output coordinate: `(i0, i1, w0, w1)`.
-type Taps = (usize, usize, f32, f32);
+pub(crate) type Taps = (usize, usize, f32, f32);
 
 /// torch `compute_indices_weights_linear` for one axis (antialias=False).
-fn linear_taps(input: usize, output: usize, align_corners: bool) -> Vec<Taps> {
+pub(crate) fn linear_taps(input: usize, output: usize, align_corners: bool) -> Vec<Taps> {
     if input == output {
         // torch copies when the size is unchanged.
         return (0..output).map(|i| (i, i, 1.0, 0.0)).collect();
