@@ -14,7 +14,8 @@
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use std::time::{Duration, Instant};
-use xsam::backend::cuda::{self, region_points, CudaBackend, MapLayout, Shuffle};
+use xsam::backend::cuda::{self, CudaBackend, MapLayout, Shuffle};
+use xsam::model::region::region_points;
 use xsam::{DType, Result, Tensor};
 
 fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -174,7 +175,7 @@ fn main() {
             u8::from((i / 1024).abs_diff(400).pow(2) + (i % 1024).abs_diff(600).pow(2) < 150 * 150)
         })
         .collect();
-    let pts = region_points(&mask, 1024, 1024, 256).expect("points");
+    let pts = region_points(&mask, 1024, 256).expect("points");
 
     // --- pixel shuffle of the seg projector input (64 x 64 x 1024 -> 32 x 32 x 4096)
     let x_ps = dev(&b, data(64 * 64 * 1024, 18, 1.0), &[1, 64, 64, 1024], bf);

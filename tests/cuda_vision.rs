@@ -1,6 +1,6 @@
-//! Vision and segmentation kernels (src/backend/cuda/vision.rs) against the CPU backend or, where
-//! the CPU backend has no such op yet (deformable attention, region pooling, sine position
-//! embedding), against straightforward f64 references written here from the spec.
+//! Vision and segmentation kernels (src/backend/cuda/vision.rs) against the CPU backend and/or
+//! straightforward f64 references written here from the spec (deformable attention and region
+//! pooling are checked against both; the sine position embedding against the f64 formula).
 //!
 //! Without a driver, a device or compiled kernels every GPU test prints
 //! `SKIP cuda_vision::<test>: <reason>` and passes (`XSAM_REQUIRE_GPU=1` turns that into a
@@ -20,9 +20,9 @@
 
 use half::{bf16, f16};
 use xsam::backend::cpu;
-use xsam::backend::cuda::{
-    self, kernels, region_points, CudaBackend, Gelu, MapLayout, RopePositions, Shuffle,
-};
+use xsam::backend::cuda::{self, kernels, CudaBackend, Gelu, MapLayout, RopePositions, Shuffle};
+use xsam::model::region::{region_points, RegionSampler};
+use xsam::task::masks::{MaskGeometry, MaskResizer};
 use xsam::{DType, Tensor};
 
 // ---------------------------------------------------------------------------- helpers
@@ -927,6 +927,23 @@ fn mask_postprocess_matches_two_step_cpu() {
                     .unwrap(),
             );
             let want = mask_post_ref(&x, qn, h, w, pad, scaled, out, dt);
+            if dt == DType::F32 {
+                // The CPU post-processing's resizer computes the same thing (crop only).
+                let r = MaskResizer::new(MaskGeometry {
+                    grid: (h, w),
+                    canvas: pad,
+                    scaled,
+                    image: out,
+                })
+                .unwrap();
+                let all: Vec<usize> = (0..qn).collect();
+                let cpu_maps = r.resize_queries(&x, &all).unwrap();
+                assert_bits_eq(
+                    "mask_post_ref vs task::masks::MaskResizer",
+                    &want,
+                    &cpu_maps,
+                );
+            }
             // Same taps and arithmetic as the CPU two-step, the intermediate rounded to T at the
             // same point: bit-exact for both dtypes.
             assert_bits_eq(
@@ -1191,13 +1208,44 @@ fn ms_deform_attn_matches_f64_reference() {
                 } else {
                     (1e-4, 4e-3)
                 };
+                let got = host(&b, &y);
                 assert_close(
                     &format!("ms_deform_attn {dt} {levels:?} {heads}x{hd} refs={with_refs}"),
-                    &host(&b, &y),
+                    &got,
                     &want,
                     atol,
                     rtol,
                 );
+                if dt == DType::F32 {
+                    // The CPU backend's kernel: the same f32 coordinate arithmetic, sums in
+                    // another order and corner weights as (1 - ex) rather than (fx + 1 - ix).
+                    let reference = if with_refs {
+                        refs.clone()
+                    } else {
+                        cpu::deform_reference_points(&levels)
+                    };
+                    let mut cpu_out = vec![0.0f32; nq * c];
+                    cpu::ms_deform_attn(
+                        &value,
+                        &levels,
+                        &reference,
+                        &offs,
+                        &logits,
+                        nq,
+                        heads,
+                        hd,
+                        4,
+                        &mut cpu_out,
+                    )
+                    .unwrap();
+                    assert_close(
+                        &format!("ms_deform_attn vs cpu {levels:?} {heads}x{hd} refs={with_refs}"),
+                        &got,
+                        &widen(&cpu_out),
+                        2e-5,
+                        1e-5,
+                    );
+                }
             }
         }
     }
@@ -1235,13 +1283,13 @@ fn region_ref(
     gh: usize,
     gw: usize,
     d: usize,
-    pts: &[[u32; 2]],
+    pts: &[(usize, usize)],
     mask: (usize, usize),
 ) -> Vec<f64> {
     let mut out = vec![f64::NEG_INFINITY; d];
     for p in pts {
-        let ix = p[1] as f64 / mask.1 as f64 * (gw - 1) as f64;
-        let iy = p[0] as f64 / mask.0 as f64 * (gh - 1) as f64;
+        let ix = p.1 as f64 / mask.1 as f64 * (gw - 1) as f64;
+        let iy = p.0 as f64 / mask.0 as f64 * (gh - 1) as f64;
         let (fx, fy) = (ix.floor(), iy.floor());
         for ch in 0..d {
             let mut v = 0.0;
@@ -1300,13 +1348,31 @@ fn region_pool_matches_f64_reference() {
             masks.push(("blob", blob));
             let mut all_pts = Vec::new();
             for (_, m) in &masks {
-                all_pts.extend(region_points(m, ms, ms, np).unwrap());
+                all_pts.extend(region_points(m, ms, np).unwrap());
             }
             let y = b
                 .region_pool(&td, (gh, gw), &all_pts, np, (ms, ms))
                 .unwrap();
             assert_eq!(y.dims(), &[masks.len(), d]);
             let got = host(&b, &y);
+            // The CPU backend's region sampler (square token maps only), f32.
+            if dt == DType::F32 && gh == gw {
+                let host_tokens = Tensor::from_f32(tokens.clone(), [gh * gw, d]).unwrap();
+                let refs: Vec<&[u8]> = masks.iter().map(|(_, m)| &m[..]).collect();
+                let cpu_out = RegionSampler::new(np)
+                    .sample(&host_tokens, &refs, ms)
+                    .unwrap()
+                    .to_vec_f32()
+                    .unwrap();
+                // Same f32 coordinates; the CPU sums the 4 taps without FMA: a few ulp.
+                assert_close(
+                    &format!("region_pool vs cpu RegionSampler {gh}x{gw}x{d} P{np}"),
+                    &got,
+                    &widen(&cpu_out),
+                    1e-6,
+                    1e-6,
+                );
+            }
             for (ri, (name, _)) in masks.iter().enumerate() {
                 let want = region_ref(
                     &tokens,
@@ -1335,11 +1401,11 @@ fn region_pool_matches_f64_reference() {
     }
     let td = dev(&b, &[0.0; 4 * 3], &[4, 3], DType::F32);
     assert!(
-        b.region_pool(&td, (2, 2), &[[4, 0]], 1, (4, 4)).is_err(),
+        b.region_pool(&td, (2, 2), &[(4, 0)], 1, (4, 4)).is_err(),
         "point outside the mask"
     );
     assert!(
-        b.region_pool(&td, (2, 2), &[[0, 0]; 3], 2, (4, 4)).is_err(),
+        b.region_pool(&td, (2, 2), &[(0, 0); 3], 2, (4, 4)).is_err(),
         "3 points, prompts of 2"
     );
     b.synchronize().unwrap();
@@ -1477,4 +1543,99 @@ fn timing_and_copy_helpers_work() {
         .unwrap();
     assert!(ms >= 0.15, "spin of 200 us timed as {ms} ms");
     assert_bits_eq("copy_device", &host(&b, &y.unwrap()), &x);
+}
+
+// ---------------------------------------------------------------------------- references
+
+/// The f64 references above agree with the CPU backend (runs without a GPU): a wrong reference
+/// would make the GPU tests prove nothing.
+#[test]
+fn f64_references_agree_with_cpu_backend() {
+    let mut rng = Rng(25);
+    // deformable attention, with and without explicit reference points
+    for &(levels, heads, hd) in &[
+        ([(4usize, 4usize), (3, 5), (2, 2)], 8usize, 32usize),
+        ([(5, 3), (2, 5), (1, 1)], 3, 12),
+    ] {
+        let s: usize = levels.iter().map(|&(h, w)| h * w).sum();
+        let c = heads * hd;
+        let value = rng.vec(s * c, -1.0, 1.0);
+        for with_refs in [false, true] {
+            let nq = if with_refs { 11 } else { s };
+            let mut offs = rng.vec(nq * heads * 24, -3.0, 3.0);
+            for o in offs.iter_mut().step_by(7) {
+                *o *= 20.0;
+            }
+            let logits = rng.vec(nq * heads * 12, -4.0, 4.0);
+            let refs = rng.vec(nq * 2, -0.1, 1.1);
+            let want = msda_ref(
+                &value,
+                &levels,
+                heads,
+                hd,
+                &offs,
+                heads * 24,
+                &logits,
+                heads * 12,
+                with_refs.then_some(&refs[..]),
+                nq,
+            );
+            let reference = if with_refs {
+                refs.clone()
+            } else {
+                cpu::deform_reference_points(&levels)
+            };
+            let mut got = vec![0.0f32; nq * c];
+            cpu::ms_deform_attn(
+                &value, &levels, &reference, &offs, &logits, nq, heads, hd, 4, &mut got,
+            )
+            .unwrap();
+            assert_close(
+                &format!("cpu ms_deform_attn vs f64 ref {levels:?} refs={with_refs}"),
+                &got,
+                &want,
+                3e-5,
+                1e-5,
+            );
+        }
+    }
+    // region pooling on a square token map
+    let (g, d, ms, np) = (8usize, 19usize, 64usize, 40usize);
+    let tokens = rng.vec(g * g * d, -2.0, 2.0);
+    let mut mask = vec![0u8; ms * ms];
+    for _ in 0..100 {
+        mask[rng.below(ms * ms)] = 1;
+    }
+    mask[ms * ms - 1] = 1;
+    let pts = region_points(&mask, ms, np).unwrap();
+    let want = region_ref(&tokens, g, g, d, &pts, (ms, ms));
+    let got = RegionSampler::new(np)
+        .sample(&Tensor::from_f32(tokens, [g * g, d]).unwrap(), &[&mask], ms)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    assert_close("cpu RegionSampler vs f64 ref", &got, &want, 1e-5, 1e-6);
+    // mask post-processing: the two-step reference and the CPU post-processing's resizer
+    let (qn, h, w, pad, scaled, out) = (
+        2usize,
+        16usize,
+        16usize,
+        128usize,
+        (96usize, 128usize),
+        (75usize, 100usize),
+    );
+    let x = rng.vec(qn * h * w, -10.0, 10.0);
+    let two = mask_post_ref(&x, qn, h, w, pad, scaled, out, DType::F32);
+    let r = MaskResizer::new(MaskGeometry {
+        grid: (h, w),
+        canvas: pad,
+        scaled,
+        image: out,
+    })
+    .unwrap();
+    assert_bits_eq(
+        "two-step reference vs MaskResizer",
+        &two,
+        &r.resize_queries(&x, &[0, 1]).unwrap(),
+    );
 }

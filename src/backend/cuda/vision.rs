@@ -66,66 +66,6 @@ pub enum RopePositions<'a> {
 
 // ---------------------------------------------------------------------------- host helpers
 
-/// The deterministic sample points of one visual prompt (interfaces.md §2): the nonzero pixels
-/// of `mask` (`height` x `width`, row-major, after the SAM resize and pad) in row-major order,
-/// n of them; if n >= `num_points` the points at indices floor(k n / num_points) for k in
-/// 0..num_points, else all n followed by repeats from the start until num_points. Each point is
-/// `[row, col]`. An empty mask is an `Error::Input`.
-///
-/// The list is made on the host because the prompt mask is made there (decoding and the NEAREST
-/// resize are host-side preprocessing): uploading 2 x num_points ints beats uploading a
-/// megapixel mask and compacting it on the device.
-pub fn region_points(
-    mask: &[u8],
-    height: usize,
-    width: usize,
-    num_points: usize,
-) -> Result<Vec<[u32; 2]>> {
-    if height.checked_mul(width) != Some(mask.len()) {
-        return Err(Error::shape(
-            "region_points",
-            format!(
-                "mask has {} pixels, expected {height} x {width}",
-                mask.len()
-            ),
-        ));
-    }
-    if num_points == 0 {
-        return Err(Error::Input(
-            "region sampler: num_points must be at least 1".into(),
-        ));
-    }
-    if height > u32::MAX as usize || width > u32::MAX as usize {
-        return Err(Error::shape("region_points", "mask too large"));
-    }
-    let on: Vec<usize> = mask
-        .iter()
-        .enumerate()
-        .filter(|(_, &v)| v != 0)
-        .map(|(i, _)| i)
-        .collect();
-    let n = on.len();
-    if n == 0 {
-        return Err(Error::Input(
-            "visual prompt mask is empty (no nonzero pixel after resizing to the SAM input)".into(),
-        ));
-    }
-    let pick = |k: usize| -> usize {
-        if n >= num_points {
-            // floor(k * n / P) in u128: k * n can exceed u64 only for absurd sizes, but never panic.
-            ((k as u128 * n as u128) / num_points as u128) as usize
-        } else {
-            k % n
-        }
-    };
-    Ok((0..num_points)
-        .map(|k| {
-            let i = on[pick(k)];
-            [(i / width) as u32, (i % width) as u32]
-        })
-        .collect())
-}
-
 /// Block size of the register-cached row kernels: one 8-element pack per thread when the row
 /// allows, whole warps, at most 1024 threads; rows up to `MAX_ROW` fit (32 values per thread).
 fn row_block(cols: usize) -> u32 {
@@ -1161,12 +1101,15 @@ impl CudaBackend {
     /// (align_corners=True, zero padding) of the token map `tokens [gh*gw, D]` (or `[gh, gw, D]`)
     /// at its `num_points` points (`[row, col]` in a `mask_size = (mask_h, mask_w)` mask, divided
     /// by the mask size), max-pooled per channel -> `[R, D]` with R = points.len() / num_points.
-    /// Make the points with `region_points`.
+    /// The points are `(row, col)`, `num_points` per prompt, as
+    /// `xsam::model::region::region_points` makes them (interfaces.md §2, on the host: the prompt
+    /// mask is made there by preprocessing, and uploading 2 x num_points ints beats uploading a
+    /// megapixel mask and compacting it on the device).
     pub fn region_pool(
         &self,
         tokens: &Tensor,
         grid: (usize, usize),
-        points: &[[u32; 2]],
+        points: &[(usize, usize)],
         num_points: usize,
         mask_size: (usize, usize),
     ) -> Result<Tensor> {
@@ -1194,10 +1137,7 @@ impl CudaBackend {
                 format!("{} points are not prompts of {num_points}", points.len()),
             ));
         }
-        if let Some(p) = points
-            .iter()
-            .find(|p| p[0] as usize >= mh || p[1] as usize >= mw)
-        {
+        if let Some(p) = points.iter().find(|p| p.0 >= mh || p.1 >= mw) {
             return Err(Error::shape(
                 k,
                 format!("point {p:?} is outside the {mh} x {mw} mask"),
@@ -1206,9 +1146,10 @@ impl CudaBackend {
         let r = points.len() / num_points;
         let dt = tokens.dtype();
         let tp = self.addr(k, tokens, dt)?;
+        // < mask size, which fits an int (checked below with the other sizes)
         let flat: Vec<i32> = points
             .iter()
-            .flat_map(|p| [p[0] as i32, p[1] as i32])
+            .flat_map(|p| [p.0 as i32, p.1 as i32])
             .collect();
         let pts = self.upload_i32(k, &flat)?;
         let (out, shape) = self.new_output(vec![r, d], dt)?;
@@ -1464,38 +1405,5 @@ mod tests {
             assert_eq!(bx * by, 256);
             assert!(bx.is_power_of_two() && (run == 0 || bx as usize >= run.min(256)));
         }
-    }
-
-    #[test]
-    fn region_points_follow_the_interface() {
-        // 3 x 4 mask with on pixels at flat 1, 5, 6, 11.
-        let mut m = vec![0u8; 12];
-        for i in [1, 5, 6, 11] {
-            m[i] = 255;
-        }
-        // n = 4 < P = 6: all, then repeats from the start.
-        let p = region_points(&m, 3, 4, 6).unwrap();
-        assert_eq!(p, vec![[0, 1], [1, 1], [1, 2], [2, 3], [0, 1], [1, 1]]);
-        // n = 4 >= P = 3: indices floor(k * 4 / 3) = 0, 1, 2.
-        assert_eq!(
-            region_points(&m, 3, 4, 3).unwrap(),
-            vec![[0, 1], [1, 1], [1, 2]]
-        );
-        // n = 4, P = 2: indices 0, 2.
-        assert_eq!(region_points(&m, 3, 4, 2).unwrap(), vec![[0, 1], [1, 2]]);
-        // Full mask with P = n: every pixel once, in order.
-        let full = region_points(&[1u8; 12], 3, 4, 12).unwrap();
-        assert_eq!(full.len(), 12);
-        assert!(full
-            .iter()
-            .enumerate()
-            .all(|(i, p)| p == &[(i / 4) as u32, (i % 4) as u32]));
-        // Errors, never panics.
-        assert!(matches!(
-            region_points(&[0u8; 12], 3, 4, 4),
-            Err(Error::Input(_))
-        ));
-        assert!(region_points(&m, 3, 5, 4).is_err());
-        assert!(region_points(&m, 3, 4, 0).is_err());
     }
 }
