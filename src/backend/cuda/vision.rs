@@ -1071,7 +1071,7 @@ impl CudaBackend {
                 ints.push(to_i32(k, "level size", h)?);
                 ints.push(to_i32(k, "level size", w)?);
             }
-            to_i32(k, "value elements", s * c)?; // flat row * C stays in range of the kernel's math
+            to_i32(k, "value rows", s)?; // flat row indices are ints in the kernel
             let group_i = group as i32;
             let mut l = self.stream().launch_builder(self.function(k)?);
             l.arg(&vp)
