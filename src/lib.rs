@@ -12,6 +12,7 @@ pub mod image;
 pub mod init;
 pub mod kv;
 pub mod model;
+pub mod render;
 pub mod session;
 pub mod task;
 pub mod tensor;

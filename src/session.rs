@@ -554,8 +554,12 @@ impl<'m> Session<'m> {
                 .iter()
                 .enumerate()
                 .map(|(i, m)| {
-                    preprocess_prompt_mask(m, hw, scaled, s)
-                        .map_err(|e| Error::Input(format!("visual prompt {}: {e}", i + 1)))
+                    preprocess_prompt_mask(m, hw, scaled, s).map_err(|e| match e {
+                        Error::Input(msg) => {
+                            Error::Input(format!("visual prompt {}: {msg}", i + 1))
+                        }
+                        e => e,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let refs: Vec<&[u8]> = masks.iter().map(Vec::as_slice).collect();
