@@ -38,12 +38,6 @@ use tokenizers::Tokenizer;
 /// KV cache block size (tokens).
 const KV_BLOCK: usize = 16;
 
-impl Default for Task {
-    fn default() -> Self {
-        Task::Conversation
-    }
-}
-
 /// A loaded model: configuration, tokenizer and every stage.
 pub struct Model {
     cfg: Config,
@@ -123,6 +117,9 @@ pub struct Output {
     /// `(name, f32 tensor)` per interfaces.md §3 when [`Request::dump`] was set.
     pub dump: Vec<(String, Tensor)>,
 }
+
+/// The SAM input, the kept SAM hidden states and the seg-projector tokens of one image.
+type SamSide = (SamInput, Vec<(usize, Tensor)>, Tensor);
 
 /// Everything the image side computed.
 struct ImageSide {
@@ -248,7 +245,7 @@ impl Model {
         exec: &mut Executor,
         image: &RgbImage,
         timings: &mut Timings,
-    ) -> Result<(SamInput, Vec<(usize, Tensor)>, Tensor)> {
+    ) -> Result<SamSide> {
         let t = Instant::now();
         let sam_input = preprocess_sam(image, self.cfg.sam.image_size)?;
         timings.push("preprocess_sam", ms(t));

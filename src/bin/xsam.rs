@@ -22,6 +22,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run one task on one image (interfaces.md §3) and print or write the result JSON.
     Run(RunArgs),

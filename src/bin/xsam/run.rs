@@ -132,13 +132,13 @@ pub fn run_run(a: &RunArgs) -> Result<()> {
     let dev = device(&a.device)?;
     let classes = split_list(&a.classes);
     let stuff = split_list(&a.stuff);
-    if !classes.is_empty() || !stuff.is_empty() {
-        if !matches!(task, Task::Semantic | Task::Instance | Task::Panoptic) {
-            return Err(Error::Input(format!(
-                "task `{}` does not take --classes or --stuff",
-                task.name()
-            )));
-        }
+    if (!classes.is_empty() || !stuff.is_empty())
+        && !matches!(task, Task::Semantic | Task::Instance | Task::Panoptic)
+    {
+        return Err(Error::Input(format!(
+            "task `{}` does not take --classes or --stuff",
+            task.name()
+        )));
     }
     if a.prompt.is_some() && !matches!(task, Task::Conversation | Task::Referring | Task::Reasoning)
     {
@@ -314,82 +314,83 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
         forced: true,
         ..Request::new(task)
     };
-    let mut tour: Vec<(&str, Request)> = vec![];
-    tour.push((
-        "conversation",
-        Request {
-            text: Some("What shapes are in this picture?".into()),
-            forced: false,
-            max_new_tokens: 24,
-            ..base(Task::Conversation)
-        },
-    ));
-    tour.push((
-        "semantic",
-        Request {
-            classes: list(&["red circle", "blue box", "yellow triangle", "sky", "ground"]),
-            ..base(Task::Semantic)
-        },
-    ));
-    tour.push((
-        "instance",
-        Request {
-            classes: list(&["circle", "box", "triangle"]),
-            ..base(Task::Instance)
-        },
-    ));
-    tour.push((
-        "panoptic",
-        Request {
-            classes: list(&["circle", "box", "triangle"]),
-            stuff: list(&["sky", "ground"]),
-            ..base(Task::Panoptic)
-        },
-    ));
-    tour.push((
-        "referring",
-        Request {
-            text: Some("the red circle".into()),
-            ..base(Task::Referring)
-        },
-    ));
-    tour.push((
-        "reasoning",
-        Request {
-            text: Some("Which shape has no corners?".into()),
-            ..base(Task::Reasoning)
-        },
-    ));
-    tour.push((
-        "gcg",
-        Request {
-            forced: false,
-            max_new_tokens: 32,
-            ..base(Task::Gcg)
-        },
-    ));
-    tour.push((
-        "interactive",
-        Request {
-            vprompts: vec![circle.clone()],
-            ..base(Task::Interactive)
-        },
-    ));
-    tour.push((
-        "vgd",
-        Request {
-            vprompts: vec![circle.clone(), bx.clone()],
-            ..base(Task::Vgd)
-        },
-    ));
-    tour.push((
-        "vgd-cross-image",
-        Request {
-            vprompts: vec![ref_circle.clone()],
-            vprompt_image: Some(reference.clone()),
-            ..base(Task::Vgd)
-        },
-    ));
+    let tour: Vec<(&str, Request)> = vec![
+        (
+            "conversation",
+            Request {
+                text: Some("What shapes are in this picture?".into()),
+                forced: false,
+                max_new_tokens: 24,
+                ..base(Task::Conversation)
+            },
+        ),
+        (
+            "semantic",
+            Request {
+                classes: list(&["red circle", "blue box", "yellow triangle", "sky", "ground"]),
+                ..base(Task::Semantic)
+            },
+        ),
+        (
+            "instance",
+            Request {
+                classes: list(&["circle", "box", "triangle"]),
+                ..base(Task::Instance)
+            },
+        ),
+        (
+            "panoptic",
+            Request {
+                classes: list(&["circle", "box", "triangle"]),
+                stuff: list(&["sky", "ground"]),
+                ..base(Task::Panoptic)
+            },
+        ),
+        (
+            "referring",
+            Request {
+                text: Some("the red circle".into()),
+                ..base(Task::Referring)
+            },
+        ),
+        (
+            "reasoning",
+            Request {
+                text: Some("Which shape has no corners?".into()),
+                ..base(Task::Reasoning)
+            },
+        ),
+        (
+            "gcg",
+            Request {
+                forced: false,
+                max_new_tokens: 32,
+                ..base(Task::Gcg)
+            },
+        ),
+        (
+            "interactive",
+            Request {
+                vprompts: vec![circle.clone()],
+                ..base(Task::Interactive)
+            },
+        ),
+        (
+            "vgd",
+            Request {
+                vprompts: vec![circle.clone(), bx.clone()],
+                ..base(Task::Vgd)
+            },
+        ),
+        (
+            "vgd-cross-image",
+            Request {
+                vprompts: vec![ref_circle.clone()],
+                vprompt_image: Some(reference.clone()),
+                ..base(Task::Vgd)
+            },
+        ),
+    ];
 
     let mut rows = vec![];
     for (name, req) in &tour {
