@@ -461,7 +461,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
     if random {
         println!(
             "NOTE: this model has RANDOM weights: the pipeline runs end to end, but its masks and text \
-             are meaningless. For real results convert the released checkpoint (hao9610/X-SAM on \
+             are meaningless.\nFor real results convert the released checkpoint (hao9610/X-SAM on \
              Hugging Face) with `xsam convert --checkpoint pytorch_model.bin --tokenizer \
              tokenizer.json --out model` and run `xsam demo --model model`."
         );
