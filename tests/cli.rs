@@ -24,7 +24,10 @@ struct Env {
 fn env() -> &'static Env {
     static E: OnceLock<Env> = OnceLock::new();
     E.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        // a fixed place under the target dir (rewritten each run, so nothing accumulates)
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-test");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("model");
         let cfg = xsam::Config::preset("tiny").unwrap();
         xsam::init::write_random_model(&cfg, &model, 3, false).unwrap();

@@ -13,16 +13,22 @@ use xsam::{Config, Device, Model, Request};
 fn model_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        // a fixed place under the target dir (rewritten each run, so nothing accumulates)
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pipeline-test");
         let cfg = Config::preset("tiny").unwrap();
-        xsam::init::write_random_model(&cfg, &dir, 7, false).unwrap();
+        let opts = xsam::init::InitOptions {
+            seed: 7,
+            force: true,
+            ..Default::default()
+        };
+        xsam::init::write_random_model_with(&cfg, dir.join("model"), &opts).unwrap();
         dir
     })
 }
 
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| Model::load(model_dir(), Device::Cpu).unwrap())
+    M.get_or_init(|| Model::load(model_dir().join("model"), Device::Cpu).unwrap())
 }
 
 /// Shapes on a gradient, `w x h`.
@@ -301,7 +307,7 @@ fn cross_image_vgd_and_dump() {
     // the prompt mask outside its own image size is an error
     req.vprompts = vec![rect(w, h, 2, 2, 12, 14)];
     assert!(s.run(&req).unwrap_err().is_user_input());
-    let path = tempfile::tempdir().unwrap().keep().join("dump.safetensors");
+    let path = model_dir().join("dump.safetensors");
     xsam::session::write_dump(&path, &out.dump).unwrap();
     assert!(xsam::Weights::load(&path)
         .unwrap()
