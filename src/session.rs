@@ -216,6 +216,62 @@ impl Model {
         })
     }
 
+    /// The cheap checks of a request on an image of `(height, width)`, without running
+    /// anything: its inputs (classes, text, visual prompts and their sizes) and that the prompt
+    /// (image block and forced answer included) fits the LLM context. [`Session::run`] checks
+    /// the same; calling this first avoids encoding an image for a request that must fail.
+    pub fn check_request(&self, req: &Request, image_hw: (usize, usize)) -> Result<()> {
+        check_request_inputs(req)?;
+        let q = question(
+            req.task,
+            &QuestionInput {
+                classes: &req.classes,
+                stuff: &req.stuff,
+                text: req.text.as_deref(),
+                regions: req.vprompts.len(),
+            },
+        )?;
+        let hw = req
+            .vprompt_image
+            .as_ref()
+            .map_or(image_hw, |i| (i.height, i.width));
+        for (i, m) in req.vprompts.iter().enumerate() {
+            if (m.height, m.width) != hw {
+                return Err(Error::Input(format!(
+                    "visual prompt {} is {}x{} (w x h) but its image is {}x{}",
+                    i + 1,
+                    m.width,
+                    m.height,
+                    hw.1,
+                    hw.0
+                )));
+            }
+        }
+        let tokens = encode_chunks(
+            &self.tokenizer,
+            &chat_prompt(&q),
+            self.cfg.llm.bos_token_id as u32,
+        )?;
+        let mut n: usize = tokens
+            .iter()
+            .map(|t| match t {
+                PromptToken::Image => self.cfg.num_image_tokens(),
+                _ => 1,
+            })
+            .sum();
+        if req.forced || req.answer.is_some() {
+            let answer = req.answer.as_deref().unwrap_or(DEFAULT_FORCED_ANSWER);
+            n += encode_text(&self.tokenizer, &format!("{answer}<|end|>"))?.len();
+        }
+        let ctx = self.cfg.llm.max_position_embeddings;
+        if n > ctx {
+            return Err(Error::Input(format!(
+                "prompt too long: {n} positions (image block included) exceed the LLM context of {ctx}"
+            )));
+        }
+        Ok(())
+    }
+
     /// BOS, the chat template's text before `<image>`, then the image placeholder.
     fn prefix_tokens(&self) -> Result<Vec<PromptToken>> {
         let all = encode_chunks(
@@ -312,6 +368,28 @@ impl Model {
             pixel,
         })
     }
+}
+
+/// Visual prompts only where the task takes them, a finite threshold.
+fn check_request_inputs(req: &Request) -> Result<()> {
+    if !req.task.uses_regions() && !req.vprompts.is_empty() {
+        return Err(Error::Input(format!(
+            "task `{}` does not take visual prompts (--vprompt is for interactive and vgd)",
+            req.task.name()
+        )));
+    }
+    if req.vprompt_image.is_some() && req.task != Task::Vgd {
+        return Err(Error::Input(
+            "--vprompt-image is only for cross-image vgd".into(),
+        ));
+    }
+    if !req.threshold.is_finite() {
+        return Err(Error::Input(format!(
+            "threshold {} is not a number",
+            req.threshold
+        )));
+    }
+    Ok(())
 }
 
 fn find_state<'a>(hs: &'a [(usize, Tensor)], k: usize, what: &str) -> Result<&'a Tensor> {
@@ -483,23 +561,7 @@ impl<'m> Session<'m> {
     ) -> Result<(Vec<PromptToken>, Vec<Vec<f32>>, Option<Vec<u8>>)> {
         let model = self.model;
         let cfg = &model.cfg;
-        if !req.task.uses_regions() && !req.vprompts.is_empty() {
-            return Err(Error::Input(format!(
-                "task `{}` does not take visual prompts (--vprompt is for interactive and vgd)",
-                req.task.name()
-            )));
-        }
-        if req.vprompt_image.is_some() && req.task != Task::Vgd {
-            return Err(Error::Input(
-                "--vprompt-image is only for cross-image vgd".into(),
-            ));
-        }
-        if !(req.threshold.is_finite()) {
-            return Err(Error::Input(format!(
-                "threshold {} is not a number",
-                req.threshold
-            )));
-        }
+        check_request_inputs(req)?;
         let q = question(
             req.task,
             &QuestionInput {

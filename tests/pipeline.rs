@@ -339,5 +339,13 @@ fn bad_requests_are_input_errors() {
             .err()
             .unwrap_or_else(|| panic!("{:?} passed", r.task));
         assert!(e.is_user_input(), "{:?}: {e}", r.task);
+        // the cheap pre-check catches all but the empty-after-resize prompt
+        if r.task != Task::Interactive {
+            let e = model().check_request(&r, (h, w)).unwrap_err();
+            assert!(e.is_user_input(), "{:?}: {e}", r.task);
+        }
+    }
+    for r in requests(w, h) {
+        model().check_request(&r, (h, w)).unwrap();
     }
 }

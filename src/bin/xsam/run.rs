@@ -193,6 +193,7 @@ pub fn run_run(a: &RunArgs) -> Result<()> {
     let model = p.step(&format!("loading {}", a.model.display()), || {
         Model::load(&a.model, dev)
     })?;
+    model.check_request(&req, (image.height, image.width))?;
     let mut session = p.step(
         &format!("encoding the image ({}x{})", image.width, image.height),
         || model.session(&image),
