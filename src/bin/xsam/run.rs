@@ -46,7 +46,8 @@ pub struct RunArgs {
     /// Score threshold for instance / panoptic / vgd / interactive.
     #[arg(long, default_value_t = 0.5)]
     threshold: f64,
-    /// cpu, cuda or cuda:N (default: cuda when a usable GPU and compiled kernels exist, else cpu).
+    /// cpu, cuda or cuda:N. Default: cpu (the CUDA pipeline is not wired up yet; `cuda` is
+    /// reported as unavailable).
     #[arg(long)]
     device: Option<String>,
     /// Write the intermediates of interfaces.md §3 (f32 safetensors).
