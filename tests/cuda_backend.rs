@@ -376,9 +376,17 @@ fn layer_norm_matches_f64_reference() {
         "host input must be refused"
     );
     let xb = b.cast(&x, DType::BF16).unwrap();
+    let w3 = b
+        .to_device(&Tensor::from_f32(vec![1.0; 3], [3]).unwrap())
+        .unwrap();
     assert!(
-        b.layer_norm(&xb, None, None, 1e-5).is_err(),
-        "bf16 input has no kernel yet"
+        b.layer_norm(&xb, Some(&w3), None, 1e-5).is_err(),
+        "a bf16 input with an f32 weight must be refused (parameters share x's dtype)"
+    );
+    let xh16 = b.cast(&x, DType::F16).unwrap();
+    assert!(
+        b.layer_norm(&xh16, None, None, 1e-5).is_err(),
+        "f16 input has no kernel"
     );
     // A constant row normalises to 0 (variance 0, eps keeps it finite).
     let y = b.layer_norm(&x, None, None, 1e-5).unwrap();

@@ -10,6 +10,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[path = "xsam/run.rs"]
+mod run;
+use run::{run_demo, run_run, DemoArgs, RunArgs};
+
 #[derive(Parser, Debug)]
 #[command(name = "xsam", version, about = "Inference runtime for X-SAM")]
 struct Cli {
@@ -18,7 +22,12 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Command {
+    /// Run one task on one image (interfaces.md §3) and print or write the result JSON.
+    Run(RunArgs),
+    /// Tour every task on a built-in drawn image (a cached tiny random model unless --model).
+    Demo(DemoArgs),
     /// Write a random model directory (config.json, weights, tokenizer.json) for tests and
     /// benchmarks.
     Init(InitArgs),
@@ -184,6 +193,8 @@ fn run_convert(a: &ConvertArgs) -> xsam::Result<()> {
 
 fn dispatch(cli: &Cli) -> xsam::Result<()> {
     match &cli.command {
+        Command::Run(a) => run_run(a),
+        Command::Demo(a) => run_demo(a),
         Command::Init(a) => run_init(a),
         Command::Convert(a) => run_convert(a),
     }
@@ -199,9 +210,25 @@ fn main() -> ExitCode {
             return ExitCode::from(code.clamp(0, 255) as u8);
         }
     };
-    match dispatch(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // A panic is a bug: report it in one line and exit 1, never 101.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("xsam: internal error (a bug, please report it): {msg}{at}");
+    }));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(&cli)));
+    match outcome {
+        Err(_) => ExitCode::from(1),
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             // One line: flatten multi-line messages (config problems) with "; ".
             let msg = e
                 .to_string()

@@ -236,6 +236,28 @@ impl Phi3 {
         })
     }
 
+    /// `lm_head` on post-norm hidden rows `[n, hidden]`: logits `[n * vocab]` (used to report
+    /// the prediction after the prompt when the prompt was run together with a forced answer).
+    pub fn logits(&self, exec: &mut Executor, hidden: &Tensor) -> Result<Vec<f32>> {
+        let d = self.cfg.hidden_size;
+        let n = hidden.dim(0)?;
+        if hidden.dims() != [n, d] {
+            return Err(Error::shape(
+                "phi3.logits",
+                format!("hidden {} is not [n, {d}]", hidden.shape()),
+            ));
+        }
+        let mut g = Graph::new();
+        let input = g.input("llm.hidden", [n, d])?;
+        let w = g.weight("llm.lm_head", self.lm_head.clone())?;
+        let out = g.push("llm.logits", Op::Linear, &[input, w])?;
+        g.mark_output(out);
+        let plan = Plan::new(&g, &[])?;
+        exec.run(&g, &plan, &[(input, hidden)])?
+            .get(out)?
+            .to_vec_f32()
+    }
+
     /// Greedy generation after a prompt: stops at `end_id` (kept in the ids) or after
     /// `max_new_tokens`. `on_token` sees each id as it is produced.
     #[allow(clippy::too_many_arguments)]

@@ -4,8 +4,9 @@
 use super::prompt::normalize_class_name;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Task {
+    #[default]
     Conversation,
     Semantic,
     Instance,

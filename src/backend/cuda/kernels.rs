@@ -29,6 +29,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gelu_erf_f32",
     // norm.cu
     "layer_norm_f32",
+    "layer_norm_bf16",
     "rms_norm_f32",
     // flash_attn.cu
     "flash_attn_hd64_bf16",
@@ -48,6 +49,59 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_decode_hd96_bf16",
     "paged_decode_hd128_bf16",
     "paged_kv_append_bf16",
+    "rms_norm_bf16",
+    "rms_norm_residual_f32",
+    "rms_norm_residual_bf16",
+    "softmax_rows_f32",
+    "softmax_rows_bf16",
+    // norm2d.cu
+    "layer_norm_cf_f32",
+    "layer_norm_cf_bf16",
+    "group_norm_stats_f32",
+    "group_norm_stats_bf16",
+    "group_norm_apply_f32",
+    "group_norm_apply_bf16",
+    // activation.cu
+    "gelu_erf_bf16",
+    "gelu_tanh_f32",
+    "gelu_tanh_bf16",
+    "silu_gate_f32",
+    "silu_gate_bf16",
+    "cast_f32_f16",
+    "cast_f16_f32",
+    "cast_bf16_f16",
+    "cast_f16_bf16",
+    // rope.cu
+    "rope_f32",
+    "rope_bf16",
+    // resize.cu
+    "resize_bilinear_f32",
+    "resize_bilinear_bf16",
+    "mask_postprocess_f32",
+    "mask_postprocess_bf16",
+    // pixel_shuffle.cu
+    "pixel_shuffle_down_cl_f32",
+    "pixel_shuffle_down_cl_bf16",
+    "pixel_shuffle_up_cl_f32",
+    "pixel_shuffle_up_cl_bf16",
+    "pixel_shuffle_down_cf_f32",
+    "pixel_shuffle_down_cf_bf16",
+    "pixel_shuffle_up_cf_f32",
+    "pixel_shuffle_up_cf_bf16",
+    // ms_deform_attn.cu
+    "ms_deform_attn_f32",
+    "ms_deform_attn_bf16",
+    // region_pool.cu
+    "region_pool_f32",
+    "region_pool_bf16",
+    // embed.cu
+    "gather_rows_bf16_f32",
+    "gather_rows_bf16_bf16",
+    "gather_rows_f32_f32",
+    "pos_embed_sine_f32",
+    "pos_embed_sine_bf16",
+    // bench.cu
+    "bench_spin",
 ];
 
 /// True when build.rs found nvcc and the fatbin is embedded.

@@ -11,6 +11,10 @@
 //! - `ops`: host <-> device copies and kernel launchers (`layer_norm`, `rms_norm`, `add`, ...).
 //! - `attention`: flash attention (dense, SAM windowed/global with relative positions, paged
 //!   prefill), Mask2Former masked attention, the device paged KV pool and decode attention.
+//! - `ops`: host <-> device copies and element-wise launchers (`cast`, `add`, `gelu_erf`).
+//! - `vision`: launchers of the vision/segmentation kernels (row and 2-D norms, softmax, RoPE,
+//!   activations, resize and the mask post-process, pixel shuffle, deformable attention, region
+//!   pooling, embeddings) and benchmark helpers.
 //! - `kernels`: what build.rs produced (fatbin, ptxas report path, kernel names).
 
 mod attention;
@@ -18,8 +22,10 @@ mod buffer;
 mod context;
 pub mod kernels;
 mod ops;
+mod vision;
 
 pub use attention::{block_table_i32, AttnMaskBits, DevicePagedKv, FlashMask, ATTENTION_KERNELS};
 pub use buffer::DeviceBuffer;
 pub use context::{cuda_available, device_count, driver_version, CudaBackend};
 pub use kernels::kernels_compiled;
+pub use vision::{Gelu, MapLayout, RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS, MAX_ROW};

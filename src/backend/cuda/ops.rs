@@ -13,12 +13,6 @@ use half::{bf16, f16};
 /// Threads per block for the element-wise kernels.
 const ELEMENTWISE_BLOCK: u32 = 256;
 
-/// Block size for one-block-per-row kernels: one thread per element for short rows, rounded up to
-/// whole warps (the kernels require a multiple of 32), at most 1024.
-fn row_block_dim(cols: usize) -> u32 {
-    (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
-}
-
 fn device_buffer<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a DeviceBuffer> {
     match t.storage() {
         Storage::Device(b) => Ok(b),
@@ -212,7 +206,8 @@ impl CudaBackend {
 
     // ------------------------------------------------------------------ element-wise ops
 
-    /// Converts f32 <-> bf16 (round to nearest even when narrowing). Same dtype: returned as is.
+    /// Converts between f32, bf16 and f16 (round to nearest even when narrowing). Same dtype:
+    /// returned as is.
     pub fn cast(&self, x: &Tensor, to: DType) -> Result<Tensor> {
         match (x.dtype(), to) {
             (a, b) if a == b => Ok(x.clone()),
@@ -221,6 +216,18 @@ impl CudaBackend {
             }
             (DType::BF16, DType::F32) => {
                 self.unary::<bf16, f32>("cast_bf16_f32", x, DType::BF16, DType::F32)
+            }
+            (DType::F32, DType::F16) => {
+                self.unary::<f32, f16>("cast_f32_f16", x, DType::F32, DType::F16)
+            }
+            (DType::F16, DType::F32) => {
+                self.unary::<f16, f32>("cast_f16_f32", x, DType::F16, DType::F32)
+            }
+            (DType::BF16, DType::F16) => {
+                self.unary::<bf16, f16>("cast_bf16_f16", x, DType::BF16, DType::F16)
+            }
+            (DType::F16, DType::BF16) => {
+                self.unary::<f16, bf16>("cast_f16_bf16", x, DType::F16, DType::BF16)
             }
             (a, b) => Err(backend_err(format!(
                 "cast {a} -> {b} has no CUDA kernel yet"
@@ -258,143 +265,5 @@ impl CudaBackend {
             unsafe { l.launch(cfg) }.map_err(|e| driver_err(K, e))?;
         }
         Ok(Tensor::from_device(out, DType::F32, a.shape().clone()))
-    }
-
-    // ------------------------------------------------------------------ norms
-
-    /// Rows (product of the leading dims) and columns (last dim) of a norm input, with the limits
-    /// the kernels need: cols in 1..=i32::MAX, rows <= the grid limit.
-    fn norm_dims(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
-        let cols = *x
-            .dims()
-            .last()
-            .ok_or_else(|| Error::shape(op, "input is a scalar; need at least one dimension"))?;
-        if cols == 0 || cols > i32::MAX as usize {
-            return Err(Error::shape(
-                op,
-                format!("last dim {cols} must be in 1..=2^31-1"),
-            ));
-        }
-        let rows = x.numel() / cols;
-        if rows > i32::MAX as usize {
-            return Err(Error::shape(
-                op,
-                format!("{rows} rows exceed the CUDA grid limit"),
-            ));
-        }
-        Ok((rows, cols))
-    }
-
-    fn norm_param<'a>(
-        &self,
-        op: &'static str,
-        what: &str,
-        p: Option<&'a Tensor>,
-        cols: usize,
-    ) -> Result<Option<CudaView<'a, f32>>> {
-        let Some(p) = p else { return Ok(None) };
-        if p.dims() != [cols] {
-            return Err(Error::shape(
-                op,
-                format!("{what} has shape {}, expected [{cols}]", p.shape()),
-            ));
-        }
-        self.input::<f32>(op, p, DType::F32).map(Some)
-    }
-
-    /// LayerNorm over the last dimension of an f32 tensor: `(x - mean) / sqrt(var + eps) * w + b`
-    /// (biased variance, like torch). `weight` and `bias` are optional f32 `[cols]` tensors.
-    pub fn layer_norm(
-        &self,
-        x: &Tensor,
-        weight: Option<&Tensor>,
-        bias: Option<&Tensor>,
-        eps: f32,
-    ) -> Result<Tensor> {
-        const K: &str = "layer_norm_f32";
-        let (rows, cols) = Self::norm_dims(K, x)?;
-        let xv = self.input::<f32>(K, x, DType::F32)?;
-        let wv = self.norm_param(K, "weight", weight, cols)?;
-        let bv = self.norm_param(K, "bias", bias, cols)?;
-        let n = rows * cols;
-        let mut out = self.alloc(n * 4)?;
-        if rows > 0 {
-            let mut yv = out
-                .view_mut::<f32>(n)
-                .ok_or_else(|| backend_err("layer_norm: output view"))?;
-            let null: u64 = 0; // a null `const float*` for an absent weight or bias
-            let cols_i = cols as i32;
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (row_block_dim(cols), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut l = self.stream().launch_builder(self.function(K)?);
-            l.arg(&xv);
-            match &wv {
-                Some(v) => l.arg(v),
-                None => l.arg(&null),
-            };
-            match &bv {
-                Some(v) => l.arg(v),
-                None => l.arg(&null),
-            };
-            l.arg(&mut yv).arg(&cols_i).arg(&eps);
-            // SAFETY: layer_norm_f32(const float* x, const float* w, const float* b, float* y,
-            // int cols, float eps); x and y hold rows*cols floats, w and b cols floats or null;
-            // grid = rows, block a multiple of 32 <= 1024 as the kernel requires.
-            unsafe { l.launch(cfg) }.map_err(|e| driver_err(K, e))?;
-        }
-        Ok(Tensor::from_device(out, DType::F32, x.shape().clone()))
-    }
-
-    /// RMSNorm over the last dimension of an f32 tensor: `x / sqrt(mean(x^2) + eps) * w`.
-    pub fn rms_norm(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
-        const K: &str = "rms_norm_f32";
-        let (rows, cols) = Self::norm_dims(K, x)?;
-        let xv = self.input::<f32>(K, x, DType::F32)?;
-        let wv = self.norm_param(K, "weight", weight, cols)?;
-        let n = rows * cols;
-        let mut out = self.alloc(n * 4)?;
-        if rows > 0 {
-            let mut yv = out
-                .view_mut::<f32>(n)
-                .ok_or_else(|| backend_err("rms_norm: output view"))?;
-            let null: u64 = 0;
-            let cols_i = cols as i32;
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (row_block_dim(cols), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut l = self.stream().launch_builder(self.function(K)?);
-            l.arg(&xv);
-            match &wv {
-                Some(v) => l.arg(v),
-                None => l.arg(&null),
-            };
-            l.arg(&mut yv).arg(&cols_i).arg(&eps);
-            // SAFETY: rms_norm_f32(const float* x, const float* w, float* y, int cols, float eps);
-            // sizes and launch shape as for layer_norm.
-            unsafe { l.launch(cfg) }.map_err(|e| driver_err(K, e))?;
-        }
-        Ok(Tensor::from_device(out, DType::F32, x.shape().clone()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::row_block_dim;
-
-    #[test]
-    fn row_blocks_are_whole_warps() {
-        assert_eq!(row_block_dim(1), 32);
-        assert_eq!(row_block_dim(33), 64);
-        assert_eq!(row_block_dim(768), 768);
-        assert_eq!(row_block_dim(3072), 1024);
-        for c in 1..5000 {
-            let b = row_block_dim(c);
-            assert!(b % 32 == 0 && (32..=1024).contains(&b));
-        }
     }
 }
