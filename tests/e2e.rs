@@ -113,7 +113,10 @@ fn compare(got: &Value, exp: &Value, iou_min: f64, score_tol: f64) -> (Vec<Strin
     for (i, (gm, em)) in g.iter().zip(e).enumerate() {
         for key in ["label", "class_index", "kind", "segment_id"] {
             if gm[key] != em[key] {
-                errs.push(format!("mask {i} {key}: got {} expected {}", gm[key], em[key]));
+                errs.push(format!(
+                    "mask {i} {key}: got {} expected {}",
+                    gm[key], em[key]
+                ));
             }
         }
         let d = (gm["score"].as_f64().unwrap() - em["score"].as_f64().unwrap()).abs();
@@ -126,7 +129,10 @@ fn compare(got: &Value, exp: &Value, iou_min: f64, score_tol: f64) -> (Vec<Strin
         }
         let (gr, er) = (mask_of(gm), mask_of(em));
         if gr.size != er.size {
-            errs.push(format!("mask {i} size {:?} expected {:?}", gr.size, er.size));
+            errs.push(format!(
+                "mask {i} size {:?} expected {:?}",
+                gr.size, er.size
+            ));
             continue;
         }
         let v = iou(&gr, &er);
@@ -140,10 +146,9 @@ fn compare(got: &Value, exp: &Value, iou_min: f64, score_tol: f64) -> (Vec<Strin
 
 #[test]
 fn every_task_matches_the_python_reference() {
-    let doc: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap(),
-    )
-    .unwrap();
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap())
+            .unwrap();
     let seed = doc["model"]["seed"].as_u64().unwrap();
     let dir = tempfile::tempdir().unwrap();
     xsam::init::write_random_model(&Config::preset("tiny").unwrap(), dir.path(), seed, false)
@@ -171,14 +176,20 @@ fn every_task_matches_the_python_reference() {
         req.classes = strings(c, "classes");
         req.stuff = strings(c, "stuff");
         req.text = c.get("text").and_then(Value::as_str).map(str::to_string);
-        req.vprompts = strings(c, "vprompts").iter().map(|n| grey(&inp, n)).collect();
+        req.vprompts = strings(c, "vprompts")
+            .iter()
+            .map(|n| grey(&inp, n))
+            .collect();
         req.vprompt_image = c
             .get("vprompt_image")
             .and_then(Value::as_str)
             .map(|n| rgb(&inp, n));
         req.answer = c.get("answer").and_then(Value::as_str).map(str::to_string);
         req.forced = c.get("forced").and_then(Value::as_bool).unwrap_or(false);
-        req.max_new_tokens = c.get("max_new_tokens").and_then(Value::as_u64).unwrap_or(512) as usize;
+        req.max_new_tokens = c
+            .get("max_new_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(512) as usize;
         req.threshold = c.get("threshold").and_then(Value::as_f64).unwrap_or(0.5);
         // one session per image, reused across requests (as the CLI and demo do)
         let session = sessions
