@@ -25,7 +25,8 @@
 //! or more, and an element the kernel never wrote is NaN (outputs are allocated poisoned) which
 //! fails every comparison. Decode keeps P in f32, so only the output rounding is left (tighter).
 
-use half::bf16;
+mod gpu;
+
 use std::path::{Path, PathBuf};
 use xsam::backend::cpu::{self, AttnMask};
 use xsam::backend::cuda::{self, block_table_i32, kernels, CudaBackend, FlashMask};
@@ -40,59 +41,11 @@ const DECODE_RTOL: f64 = 5e-3;
 
 // ---------------------------------------------------------------------------- helpers
 
-/// The backend on device 0 with poisoned allocations, or `None` after printing why the test is
-/// skipped (same rules as tests/cuda_backend.rs).
 fn backend(test: &str) -> Option<CudaBackend> {
-    let reason = if let Err(r) = cuda::driver_version() {
-        Some(r)
-    } else if cuda::device_count() == 0 {
-        Some("no CUDA device found".to_string())
-    } else if !cuda::kernels_compiled() {
-        Some("built without kernels (nvcc was not found at build time)".to_string())
-    } else {
-        None
-    };
-    if let Some(reason) = reason {
-        if std::env::var("XSAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("XSAM_REQUIRE_GPU=1 but {test} cannot run: {reason}");
-        }
-        println!("SKIP cuda_attention::{test}: {reason}");
-        return None;
-    }
-    let b = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) if e.to_string().contains("compute capability") => {
-            println!("SKIP cuda_attention::{test}: {e}");
-            return None;
-        }
-        Err(e) => panic!("CudaBackend::new(0) failed: {e}"),
-    };
-    b.set_poison_allocations(true);
-    println!("cuda_attention::{test} on {b:?}");
-    Some(b)
+    gpu::backend("cuda_attention", test)
 }
 
-/// Deterministic pseudo-random numbers (SplitMix64), uniform in [lo, hi).
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-    /// `n` values in [lo, hi) already rounded to bf16 (kept as f32).
-    fn bf16_vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| bf16::from_f32(self.uniform(lo, hi)).to_f32())
-            .collect()
-    }
-}
+use gpu::Rng;
 
 /// A bf16 device tensor holding `v` (already bf16-exact).
 fn dev_bf16(b: &CudaBackend, v: &[f32], shape: &[usize]) -> Tensor {

@@ -11,63 +11,18 @@
 //! Every kernel output is allocated poisoned (all bytes 0xFF = NaN), so an element a kernel does
 //! not write stays NaN, and every comparison is written so that NaN fails it.
 
+mod gpu;
 use half::bf16;
 use xsam::backend::cuda::{self, kernels, CudaBackend};
 use xsam::{DType, Tensor};
 
 // ---------------------------------------------------------------------------- helpers
 
-/// The backend on device 0, or `None` after printing why the test is skipped.
 fn backend(test: &str) -> Option<CudaBackend> {
-    let reason = if let Err(r) = cuda::driver_version() {
-        Some(r)
-    } else if cuda::device_count() == 0 {
-        Some("no CUDA device found".to_string())
-    } else if !cuda::kernels_compiled() {
-        Some("built without kernels (nvcc was not found at build time)".to_string())
-    } else {
-        None
-    };
-    if let Some(reason) = reason {
-        if std::env::var("XSAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("XSAM_REQUIRE_GPU=1 but {test} cannot run: {reason}");
-        }
-        println!("SKIP cuda_backend::{test}: {reason}");
-        return None;
-    }
-    // Driver, device and kernels are all there: a failure to open is a real failure, except on a
-    // GPU older than the kernels' minimum (sm_80), which is unsupported rather than broken.
-    let b = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) if e.to_string().contains("compute capability") => {
-            println!("SKIP cuda_backend::{test}: {e}");
-            return None;
-        }
-        Err(e) => panic!("CudaBackend::new(0) failed: {e}"),
-    };
-    b.set_poison_allocations(true);
-    println!("cuda_backend::{test} on {b:?}");
-    Some(b)
+    gpu::backend("cuda_backend", test)
 }
 
-/// Deterministic pseudo-random numbers (SplitMix64), uniform in [lo, hi).
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-}
+use gpu::Rng;
 
 /// Asserts |got - want| <= atol + rtol * |want| for every element; NaN or inf in `got` fails
 /// (the comparison is false for NaN).

@@ -18,9 +18,10 @@
 //! the same points, where an f32-vs-f64 difference can flip one intermediate rounding: 2^-6
 //! relative covers two such flips.
 
+mod gpu;
 use half::{bf16, f16};
 use xsam::backend::cpu;
-use xsam::backend::cuda::{self, kernels, CudaBackend, Gelu, MapLayout, RopePositions, Shuffle};
+use xsam::backend::cuda::{kernels, CudaBackend, Gelu, MapLayout, RopePositions, Shuffle};
 use xsam::model::region::{region_points, RegionSampler};
 use xsam::task::masks::{MaskGeometry, MaskResizer};
 use xsam::{DType, Tensor};
@@ -28,56 +29,10 @@ use xsam::{DType, Tensor};
 // ---------------------------------------------------------------------------- helpers
 
 fn backend(test: &str) -> Option<CudaBackend> {
-    let reason = if let Err(r) = cuda::driver_version() {
-        Some(r)
-    } else if cuda::device_count() == 0 {
-        Some("no CUDA device found".to_string())
-    } else if !cuda::kernels_compiled() {
-        Some("built without kernels (nvcc was not found at build time)".to_string())
-    } else {
-        None
-    };
-    if let Some(reason) = reason {
-        if std::env::var("XSAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("XSAM_REQUIRE_GPU=1 but {test} cannot run: {reason}");
-        }
-        println!("SKIP cuda_vision::{test}: {reason}");
-        return None;
-    }
-    let b = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) if e.to_string().contains("compute capability") => {
-            println!("SKIP cuda_vision::{test}: {e}");
-            return None;
-        }
-        Err(e) => panic!("CudaBackend::new(0) failed: {e}"),
-    };
-    b.set_poison_allocations(true);
-    println!("cuda_vision::{test} on {b:?}");
-    Some(b)
+    gpu::backend("cuda_vision", test)
 }
 
-/// SplitMix64, uniform in [lo, hi).
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+use gpu::Rng;
 
 /// Rounds to the storage dtype and back (what the kernel sees).
 fn q(v: &[f32], dt: DType) -> Vec<f32> {
