@@ -471,3 +471,16 @@ fn header_declares_every_exported_function() {
         }
     }
 }
+
+/// examples/c/main.c builds with the documented flags and runs.
+#[test]
+fn c_example_builds_and_runs() {
+    let exe = build("cc", "examples/c/main.c", C_FLAGS, "xsam-example");
+    let out = run(Command::new(&exe)
+        .arg(work_dir().join("model"))
+        .arg(work_dir().join("image.png"))
+        .arg("the red square")
+        .env("LD_LIBRARY_PATH", lib_dir()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("mask 0: the red square score"), "{stdout}");
+}
