@@ -17,7 +17,7 @@
 #![allow(clippy::missing_safety_doc, non_camel_case_types)]
 
 use crate::image::{decode_image, GreyImage, RgbImage};
-use crate::task::postprocess::MaskKind;
+use crate::task::postprocess::{MaskKind, MaskResult};
 use crate::task::rle;
 use crate::task::templates::Task;
 use crate::{Device, Error, Model, Output, Request, Session};
@@ -846,10 +846,7 @@ pub unsafe extern "C" fn xsam_result_n_masks(result: *const xsam_result, n: *mut
     })
 }
 
-unsafe fn mask_at<'a>(
-    r: &'a xsam_result,
-    index: usize,
-) -> CResult<&'a crate::task::postprocess::MaskResult> {
+fn mask_at(r: &xsam_result, index: usize) -> CResult<&MaskResult> {
     r.output.masks.get(index).ok_or_else(|| {
         Fail(
             XSAM_ERR_INVALID_ARG,

@@ -380,7 +380,6 @@ fn c_program_is_clean_under_valgrind() {
         "--leak-check=full",
         "--errors-for-leak-kinds=definite",
         "--show-leak-kinds=definite",
-        "-q",
     ])
     .arg(exe)
     .arg(work_dir().join("model"))
@@ -389,7 +388,20 @@ fn c_program_is_clean_under_valgrind() {
     let out = run(&mut cmd);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.lines().any(|l| l == "ok"), "{stdout}");
-    eprintln!("valgrind: {}", String::from_utf8_lossy(&out.stderr));
+    // the error and leak summaries
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for l in stderr.lines().filter(|l| {
+        [
+            "definitely lost",
+            "indirectly lost",
+            "still reachable",
+            "ERROR SUMMARY",
+        ]
+        .iter()
+        .any(|k| l.contains(k))
+    }) {
+        eprintln!("{l}");
+    }
 }
 
 #[test]
