@@ -496,3 +496,57 @@ fn c_example_builds_and_runs() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("mask 0: the red square score"), "{stdout}");
 }
+
+/// The header's thread-safety statement: one model serves sessions running on several threads
+/// at once, with the same results as one thread (called through the C functions from Rust).
+#[test]
+fn one_model_serves_sessions_on_several_threads() {
+    use std::ffi::CString;
+    use xsam::capi::*;
+    let dir = CString::new(work_dir().join("model").to_str().unwrap()).unwrap();
+    let mut model = std::ptr::null_mut();
+    let rc = unsafe { xsam_model_load(dir.as_ptr(), xsam_model_default_params(), &mut model) };
+    assert_eq!(rc, XSAM_OK);
+    let px = image().data;
+    let text = CString::new("the red square").unwrap();
+    let model_addr = model as usize;
+    let json_of = |seed: usize| -> String {
+        let model = model_addr as *mut xsam_model;
+        let mut session = std::ptr::null_mut();
+        let mut res = std::ptr::null_mut();
+        let mut buf = vec![0u8; 1 << 16];
+        unsafe {
+            let rc = xsam_session_from_rgb8(
+                model,
+                px.as_ptr(),
+                px.len(),
+                W as u32,
+                H as u32,
+                &mut session,
+            );
+            assert_eq!(rc, XSAM_OK, "thread {seed}");
+            let mut p = xsam_request_default_params();
+            p.task = 4; // XSAM_TASK_REFERRING
+            p.text = text.as_ptr();
+            p.forced = true;
+            assert_eq!(xsam_session_run(session, p, &mut res), XSAM_OK);
+            let mut need = 0;
+            let rc = xsam_result_json(res, buf.as_mut_ptr().cast(), buf.len(), &mut need);
+            assert_eq!(rc, XSAM_OK);
+            buf.truncate(need - 1);
+            assert_eq!(xsam_result_free(res), XSAM_OK);
+            assert_eq!(xsam_session_free(session), XSAM_OK);
+        }
+        let r: ResultJson = serde_json::from_slice(&buf).unwrap();
+        serde_json::to_string(&(r.masks, r.token_ids, r.text)).unwrap()
+    };
+    let single = json_of(0);
+    let many: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (1..=3).map(|i| s.spawn(move || json_of(i))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for m in many {
+        assert_eq!(m, single);
+    }
+    assert_eq!(unsafe { xsam_model_free(model) }, XSAM_OK);
+}
