@@ -14,8 +14,9 @@
  *   - Every function that can fail returns an int32_t: XSAM_OK (0) on success, a positive value
  *     for a soft condition (XSAM_ABORTED, XSAM_BUFFER_TOO_SMALL), a negative XSAM_ERR_* on error.
  *     Outputs go through pointer arguments; on error, handle outputs are set to NULL.
- *   - xsam_last_error() returns the message of the last failure on the calling thread ("" after a
- *     success). Every xsam call replaces it.
+ *   - xsam_last_error() returns the message of the last call on the calling thread: "" after
+ *     XSAM_OK, the reason after an error or a soft condition. Every xsam function returning
+ *     int32_t replaces it; xsam_version, xsam_last_error and the *_default_params do not.
  *   - Handles (xsam_model, xsam_session, xsam_result) are opaque and owned by the caller until
  *     passed to their *_free function. Passing NULL to a *_free function does nothing. Every other
  *     function reports a NULL, unknown, already freed or wrong-kind handle as an error
@@ -195,8 +196,8 @@ typedef struct xsam_mask_info {
 /* The library version, e.g. "0.1.0". A static string; do not free. */
 XSAM_API const char * xsam_version(void);
 
-/* The message of the last failed xsam call on this thread, "" if that call succeeded. Owned by
-   the library; valid until the next xsam call on this thread. Never NULL. */
+/* The message of the last int32_t-returning xsam call on this thread ("" if it returned XSAM_OK).
+   Owned by the library; valid until the next such call on this thread. Never NULL. */
 XSAM_API const char * xsam_last_error(void);
 
 XSAM_API xsam_model_params   xsam_model_default_params(void);

@@ -330,6 +330,7 @@ unsafe fn strings(p: *const *const c_char, n: usize, what: &str) -> CResult<Vec<
 /// Copies `s` and a NUL into `buf` (truncating when `buf_size` is short); the required size
 /// (bytes including the NUL) goes to `*required` when not NULL.
 unsafe fn copy_str(
+    name: &str,
     s: &CStr,
     buf: *mut c_char,
     buf_size: usize,
@@ -338,6 +339,12 @@ unsafe fn copy_str(
     let b = s.to_bytes_with_nul();
     if !required.is_null() {
         *required = b.len();
+    }
+    if buf_size < b.len() {
+        set_last_error(&format!(
+            "{name}: the buffer holds {buf_size} bytes, {} are needed (with the NUL)",
+            b.len()
+        ));
     }
     if buf_size == 0 {
         return Ok(XSAM_BUFFER_TOO_SMALL);
@@ -803,7 +810,7 @@ pub unsafe extern "C" fn xsam_result_text(
 ) -> i32 {
     guard("xsam_result_text", || {
         let r = live_result(result)?;
-        copy_str(&r.text, buf, buf_size, required)
+        copy_str("xsam_result_text", &r.text, buf, buf_size, required)
     })
 }
 
@@ -816,7 +823,7 @@ pub unsafe extern "C" fn xsam_result_json(
 ) -> i32 {
     guard("xsam_result_json", || {
         let r = live_result(result)?;
-        copy_str(&r.json, buf, buf_size, required)
+        copy_str("xsam_result_json", &r.json, buf, buf_size, required)
     })
 }
 
@@ -967,18 +974,18 @@ mod tests {
         let s = c"hello";
         let mut need = 0usize;
         let mut buf = [1 as c_char; 4];
-        let code = unsafe { copy_str(s, buf.as_mut_ptr(), buf.len(), &mut need) }
+        let code = unsafe { copy_str("t", s, buf.as_mut_ptr(), buf.len(), &mut need) }
             .ok()
             .unwrap();
         assert_eq!((code, need), (XSAM_BUFFER_TOO_SMALL, 6));
         assert_eq!(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_bytes(), b"hel");
         let mut buf = [1 as c_char; 6];
-        let code = unsafe { copy_str(s, buf.as_mut_ptr(), buf.len(), std::ptr::null_mut()) }
+        let code = unsafe { copy_str("t", s, buf.as_mut_ptr(), buf.len(), std::ptr::null_mut()) }
             .ok()
             .unwrap();
         assert_eq!(code, XSAM_OK);
         assert_eq!(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_bytes(), b"hello");
-        let code = unsafe { copy_str(s, std::ptr::null_mut(), 0, &mut need) }
+        let code = unsafe { copy_str("t", s, std::ptr::null_mut(), 0, &mut need) }
             .ok()
             .unwrap();
         assert_eq!((code, need), (XSAM_BUFFER_TOO_SMALL, 6));

@@ -69,12 +69,14 @@ fn image() -> RgbImage {
     RgbImage::new(W, H, d).unwrap()
 }
 
-/// The directory holding the cdylib of this build: `target/<profile>/`, above `deps/`.
+/// The directory holding the cdylib of this build. Cargo builds it, with the rlib, into
+/// `target/<profile>/deps/` (next to this test binary) before integration tests; the copy in
+/// `target/<profile>/` is only refreshed by `cargo build`, so it may be stale and comes second.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
     let profile = deps.parent().unwrap();
-    for d in [profile, deps] {
+    for d in [deps, profile] {
         if d.join("libxsam.so").exists() || d.join("libxsam.dylib").exists() {
             return d.to_path_buf();
         }
@@ -319,7 +321,7 @@ fn c_program_matches_the_rust_api_and_reports_errors() {
             1,
             "aborted by the abort callback before the run",
         ),
-        ("text_small_buffer", 2, ""),
+        ("text_small_buffer", 2, "the buffer holds 4 bytes"),
         ("text_null_result", -2, "xsam_result_text: result is NULL"),
         ("n_masks_null_out", -2, "n is NULL"),
         (
