@@ -321,6 +321,12 @@ fn c_program_matches_the_rust_api_and_reports_errors() {
             1,
             "aborted by the abort callback before the run",
         ),
+        (
+            "run_aborted_after",
+            1,
+            "aborted by the abort callback (result discarded)",
+        ),
+        ("load_cancelled", 1, "cancelled by the progress callback"),
         ("text_small_buffer", 2, "the buffer holds 4 bytes"),
         ("text_null_result", -2, "xsam_result_text: result is NULL"),
         ("n_masks_null_out", -2, "n is NULL"),

@@ -152,6 +152,18 @@ static bool abort_now(void * user_data) {
     return true;
 }
 
+/* true on the second poll: the request runs, then its result is discarded */
+static bool abort_second(void * user_data) {
+    int * calls = (int *) user_data;
+    return ++(*calls) == 2;
+}
+
+static bool cancel_load(float progress, void * user_data) {
+    (void) progress;
+    (void) user_data;
+    return false;
+}
+
 static bool count_progress(float progress, void * user_data) {
     int * calls = (int *) user_data;
     (void) progress;
@@ -304,6 +316,15 @@ int main(int argc, char ** argv) {
         rp.abort_callback_user_data = &abort_calls;
         expect("run_aborted", xsam_session_run(session, rp, &r2), XSAM_ABORTED);
         CHECK(r2 == NULL && abort_calls == 1);
+        abort_calls = 0;
+        rp.abort_callback = abort_second;
+        expect("run_aborted_after", xsam_session_run(session, rp, &r2), XSAM_ABORTED);
+        CHECK(r2 == NULL && abort_calls == 2);
+        bad = xsam_model_default_params();
+        bad.progress_callback = cancel_load;
+        m2 = (xsam_model *) 1;
+        expect("load_cancelled", xsam_model_load(argv[1], bad, &m2), XSAM_ABORTED);
+        CHECK(m2 == NULL);
 
         expect("text_small_buffer", xsam_result_json(res, small, sizeof small, &need), XSAM_BUFFER_TOO_SMALL);
         CHECK(need > sizeof small && small[3] == '\0');
