@@ -5,6 +5,7 @@
 //! component).
 
 pub mod backend;
+pub mod capi;
 pub mod convert;
 pub mod error;
 pub mod graph;
