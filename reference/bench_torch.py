@@ -15,6 +15,7 @@ after warm-up. Needs only torch + transformers + numpy.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -225,10 +226,15 @@ def main():
                 fl, tokens = decode_flops(P["llm"], t), 1
                 floor = decode_bytes(P["llm"], t) / H100_BYTES * 1e3
 
+                windowed = t + 1 > P["llm"]["sliding_window"]
+
                 def fn():
-                    # One step on the t-token cache, then crop it back to t tokens (no copy of the cache).
-                    out = phi3(input_ids=one, position_ids=pos, past_key_values=past, use_cache=True)
-                    past.crop(t)
+                    # One step on the t-token cache, then crop it back to t tokens (no copy of the cache). A
+                    # sliding-window cache that has dropped states cannot be cropped: copy it instead (tiny preset).
+                    pkv = copy.deepcopy(past) if windowed else past
+                    out = phi3(input_ids=one, position_ids=pos, past_key_values=pkv, use_cache=True)
+                    if not windowed:
+                        pkv.crop(t)
                     return out
             else:
                 raise SystemExit(f"unknown stage {stage!r}")
