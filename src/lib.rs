@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod convert;
 pub mod error;
+pub mod flops;
 pub mod graph;
 pub mod image;
 pub mod init;
