@@ -40,11 +40,12 @@ fn tiny_preset_on_cpu_prints_the_table() {
         "exit {:?}\n{stdout}\n{stderr}",
         out.status
     );
-    let last_header = stdout
-        .lines()
+    let lines: Vec<&str> = stdout.lines().collect();
+    let last_header = lines
+        .iter()
         .rposition(|l| l.starts_with("| stage") && l.contains("median ms") && l.contains("p90 ms"))
         .unwrap_or_else(|| panic!("no table header in\n{stdout}"));
-    let rows: Vec<&str> = stdout.lines().skip(last_header + 2).collect();
+    let rows = &lines[last_header + 2..];
     for stage in [
         "sam_encoder",
         "siglip_encoder",
