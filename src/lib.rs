@@ -8,6 +8,7 @@ pub mod backend;
 pub mod capi;
 pub mod convert;
 pub mod error;
+pub mod flops;
 pub mod graph;
 pub mod image;
 pub mod init;

@@ -475,6 +475,11 @@ impl<'m> Session<'m> {
     }
 
     /// `(height, width)` of the session's image.
+    /// Tokens of the shared prompt prefix (template + image block) run at session creation.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix_embeds.dims().first().copied().unwrap_or(0)
+    }
+
     pub fn image_size(&self) -> (usize, usize) {
         self.image_size
     }

@@ -13,6 +13,9 @@ use std::process::ExitCode;
 #[path = "xsam/run.rs"]
 mod run;
 use run::{run_demo, run_run, DemoArgs, RunArgs};
+#[path = "xsam/bench.rs"]
+mod bench;
+use bench::{run_bench, BenchArgs};
 
 #[derive(Parser, Debug)]
 #[command(name = "xsam", version, about = "Inference runtime for X-SAM")]
@@ -35,6 +38,9 @@ enum Command {
     /// into a model directory (bf16 safetensors sharded at 4 GB, config.json, tokenizer.json
     /// with <SEG>, <p>, </p> added).
     Convert(ConvertArgs),
+    /// Warm repeats of each task on a drawn image (a model directory, or random weights of a
+    /// preset written once): a table per stage and end to end, printed last.
+    Bench(BenchArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -197,6 +203,7 @@ fn dispatch(cli: &Cli) -> xsam::Result<()> {
         Command::Demo(a) => run_demo(a),
         Command::Init(a) => run_init(a),
         Command::Convert(a) => run_convert(a),
+        Command::Bench(a) => run_bench(a),
     }
 }
 
