@@ -50,25 +50,7 @@ fn host_f32(b: &CudaBackend, t: &Tensor) -> Vec<f32> {
     h.to_vec_f32().expect("to_vec_f32")
 }
 
-/// f64 LayerNorm of one row (two-pass, biased variance), the reference for the kernel.
-fn layer_norm_ref(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) -> Vec<f64> {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let inv = 1.0 / (var + eps as f64).sqrt();
-    (0..x.len())
-        .map(|c| {
-            let mut y = (x[c] as f64 - mean) * inv;
-            if let Some(w) = w {
-                y *= w[c] as f64;
-            }
-            if let Some(b) = b {
-                y += b[c] as f64;
-            }
-            y
-        })
-        .collect()
-}
+use gpu::layer_norm_ref;
 
 /// erf in f64 by its Maclaurin series; for |z| <= 4.5 the terms peak near e^(z^2) ~ 6e8, so about
 /// 1e-7 absolute accuracy is left, well below the f32 tolerances used with it.

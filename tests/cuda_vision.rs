@@ -197,24 +197,7 @@ fn ptxas_vision_kernels_have_no_spills() {
 
 // ---------------------------------------------------------------------------- row ops
 
-fn ln_ref(x: &[f32], w: Option<&[f32]>, bias: Option<&[f32]>, eps: f32) -> Vec<f64> {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let inv = 1.0 / (var + eps as f64).sqrt();
-    (0..x.len())
-        .map(|c| {
-            let mut y = (x[c] as f64 - mean) * inv;
-            if let Some(w) = w {
-                y *= w[c] as f64;
-            }
-            if let Some(b) = bias {
-                y += b[c] as f64;
-            }
-            y
-        })
-        .collect()
-}
+use gpu::layer_norm_ref as ln_ref;
 
 /// Row lengths around the pack size (8), the warp and block limits, the model widths
 /// (256, 1024, 1152, 3072, 4304) and the maximum (32768).

@@ -72,3 +72,23 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+/// f64 LayerNorm of one row (two-pass, biased variance), the reference for the norm kernels.
+pub fn layer_norm_ref(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) -> Vec<f64> {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let inv = 1.0 / (var + eps as f64).sqrt();
+    (0..x.len())
+        .map(|c| {
+            let mut y = (x[c] as f64 - mean) * inv;
+            if let Some(w) = w {
+                y *= w[c] as f64;
+            }
+            if let Some(b) = b {
+                y += b[c] as f64;
+            }
+            y
+        })
+        .collect()
+}

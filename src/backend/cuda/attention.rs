@@ -1193,6 +1193,36 @@ impl CudaBackend {
 
     /// Checks a block table for queries at `pos0..pos0+nq` (keys `0..pos0+nq`): every block a
     /// query can see exists and lies in the pool.
+    /// Checks shared by paged decode and paged prefill: layer and head counts against the pool,
+    /// the window, the query rows and the block table. Returns the query rows and their width.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_query<'a>(
+        &self,
+        op: &'static str,
+        pool: &DevicePagedKv,
+        layer: usize,
+        q: &'a Tensor,
+        table: &DeviceIndex,
+        pos0: usize,
+        heads: usize,
+        window: Option<usize>,
+    ) -> Result<(Rows<'a>, usize)> {
+        let kv_heads = pool.kv_heads();
+        if layer >= pool.cfg.num_layers || heads == 0 || heads % kv_heads != 0 {
+            return Err(Error::shape(
+                op,
+                format!("layer {layer}, {heads} heads over {kv_heads} kv heads"),
+            ));
+        }
+        if window == Some(0) {
+            return Err(Error::Input("sliding window must be at least 1".into()));
+        }
+        let width = heads * pool.head_dim;
+        let qr = self.rows_of(op, "q", q, width)?;
+        Self::check_table(op, pool, table.as_slice(), pos0, qr.rows, window)?;
+        Ok((qr, width))
+    }
+
     fn check_table(
         op: &'static str,
         pool: &DevicePagedKv,
@@ -1256,20 +1286,9 @@ impl CudaBackend {
                 )))
             }
         };
-        let kv_heads = pool.kv_heads();
-        if layer >= pool.cfg.num_layers || heads == 0 || heads % kv_heads != 0 {
-            return Err(Error::shape(
-                OP,
-                format!("layer {layer}, {heads} heads over {kv_heads} kv heads"),
-            ));
-        }
-        if window == Some(0) {
-            return Err(Error::Input("sliding window must be at least 1".into()));
-        }
-        let width = heads * hd;
-        let qr = self.rows_of(OP, "q", q, width)?;
+        let (qr, width) = self.paged_query(OP, pool, layer, q, table, pos0, heads, window)?;
         let nq = qr.rows;
-        Self::check_table(OP, pool, table.as_slice(), pos0, nq, window)?;
+        let kv_heads = pool.kv_heads();
         let mut out = self.alloc(nq * width * 2)?;
         if nq > 0 {
             i32_arg(OP, "positions", pos0 + nq)?;
@@ -1390,20 +1409,9 @@ impl CudaBackend {
                 "{OP}: head dim {hd} has no kernel (96)"
             )));
         }
-        let kv_heads = pool.kv_heads();
-        if layer >= pool.cfg.num_layers || heads == 0 || heads % kv_heads != 0 {
-            return Err(Error::shape(
-                OP,
-                format!("layer {layer}, {heads} heads over {kv_heads} kv heads"),
-            ));
-        }
-        if window == Some(0) {
-            return Err(Error::Input("sliding window must be at least 1".into()));
-        }
-        let width = heads * hd;
-        let qr = self.rows_of(OP, "q", q, width)?;
+        let (qr, width) = self.paged_query(OP, pool, layer, q, table, pos0, heads, window)?;
         let nq = qr.rows;
-        Self::check_table(OP, pool, table.as_slice(), pos0, nq, window)?;
+        let kv_heads = pool.kv_heads();
         let mut out = self.alloc(nq * width * 2)?;
         if nq > 0 {
             let kern = FLASH_PAGED_HD96;
