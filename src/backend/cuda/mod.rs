@@ -8,7 +8,7 @@
 //!
 //! - `context`: driver detection (never panics), `CudaBackend` (context, stream, kernel module).
 //! - `buffer`: `DeviceBuffer`, the device storage of a `Tensor`.
-//! - `ops`: host <-> device copies and kernel launchers (`layer_norm`, `rms_norm`, `add`, ...).
+//! - `gemm`: cuBLASLt GEMMs (bf16 in, f32 accumulate, bias/GELU epilogues, descriptor cache).
 //! - `attention`: flash attention (dense, SAM windowed/global with relative positions, paged
 //!   prefill), Mask2Former masked attention, the device paged KV pool and decode attention.
 //! - `ops`: host <-> device copies and element-wise launchers (`cast`, `add`, `gelu_erf`).
@@ -20,12 +20,14 @@
 mod attention;
 mod buffer;
 mod context;
+mod gemm;
 pub mod kernels;
 mod ops;
 mod vision;
 
 pub use attention::{block_table_i32, AttnMaskBits, DevicePagedKv, FlashMask, ATTENTION_KERNELS};
 pub use buffer::DeviceBuffer;
+pub use gemm::Epilogue;
 pub use context::{cuda_available, device_count, driver_version, CudaBackend};
 pub use kernels::kernels_compiled;
 pub use vision::{Gelu, MapLayout, RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS, MAX_ROW};
