@@ -20,7 +20,7 @@ use crate::image::{decode_image, GreyImage, RgbImage};
 use crate::task::postprocess::{MaskKind, MaskResult};
 use crate::task::rle;
 use crate::task::templates::Task;
-use crate::{Device, Error, Model, Output, Request, Session};
+use crate::{Device, Error, Model, Output, Request, RunHooks, Session};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -189,6 +189,7 @@ impl From<Error> for Fail {
             Error::Input(_) => XSAM_ERR_INPUT,
             Error::Backend { .. } => XSAM_ERR_BACKEND,
             Error::OutOfMemory(_) => XSAM_ERR_OUT_OF_MEMORY,
+            Error::Aborted(_) => XSAM_ABORTED,
             Error::Shape { .. } | Error::DType { .. } | Error::Graph(_) => XSAM_ERR_INTERNAL,
         };
         Fail(code, e.to_string())
@@ -474,26 +475,29 @@ pub unsafe extern "C" fn xsam_model_load(
                 format!("model directory {path} does not exist"),
             );
         }
-        if params.memory_budget > 0 {
+        let budget = params.memory_budget;
+        // The weight files alone, before reading anything.
+        if budget > 0 {
             let need = weights_bytes(dir)?;
-            if need > params.memory_budget {
+            if need > budget {
                 return fail(
                     XSAM_ERR_OUT_OF_MEMORY,
                     format!(
-                        "the weights take {need} bytes, more than the memory budget of {} bytes",
-                        params.memory_budget
+                        "the weights take {need} bytes, more than the memory budget of {budget} bytes"
                     ),
                 );
             }
         }
-        if !progress(0.0) {
-            set_last_error("xsam_model_load: cancelled by the progress callback");
-            return Ok(XSAM_ABORTED);
+        // The load reports up to 1.0; the caller sees 1.0 only once the budget check passed.
+        let model = Model::load_with_progress(dir, device, &mut |p| p >= 1.0 || progress(p))?;
+        if budget > 0 {
+            model.memory_plan()?.check(budget)?;
         }
-        let model = Model::load(dir, device)?;
         if !progress(1.0) {
-            set_last_error("xsam_model_load: cancelled by the progress callback");
-            return Ok(XSAM_ABORTED);
+            return Err(Error::Aborted(
+                "the model load was cancelled by the progress callback at 100%".into(),
+            )
+            .into());
         }
         let h = Box::new(xsam_model {
             model,
@@ -763,19 +767,16 @@ pub unsafe extern "C" fn xsam_session_run(
         *out_result = std::ptr::null_mut();
         check_handle(session, Kind::Session, "session")?;
         let req = request(&params)?;
-        let aborted = || match params.abort_callback {
+        let mut abort = || match params.abort_callback {
             Some(cb) => cb(params.abort_callback_user_data),
             None => false,
         };
-        if aborted() {
-            set_last_error("xsam_session_run: aborted by the abort callback before the run");
-            return Ok(XSAM_ABORTED);
-        }
-        let output = (*session).session.run(&req)?;
-        if aborted() {
-            set_last_error("xsam_session_run: aborted by the abort callback (result discarded)");
-            return Ok(XSAM_ABORTED);
-        }
+        let mut hooks = RunHooks {
+            on_token: None,
+            should_abort: Some(&mut abort),
+        };
+        // Error::Aborted becomes XSAM_ABORTED with its message; no result is made.
+        let output = (*session).session.run_with_hooks(&req, &mut hooks)?;
         *out_result = register(Box::new(make_result(output)?), Kind::Result);
         Ok(XSAM_OK)
     })

@@ -53,6 +53,10 @@ pub enum Error {
 
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+
+    /// The caller's abort poll or progress callback asked to stop (not a failure of the input).
+    #[error("aborted: {0}")]
+    Aborted(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -12,6 +12,7 @@
 //! that sequence in the paged cache and runs only its suffix.
 
 use crate::graph::Executor;
+use crate::hooks::{poll, LoadProgress, RunHooks};
 use crate::image::{preprocess_prompt_mask, preprocess_sam, preprocess_siglip, Filter};
 use crate::image::{GreyImage, RgbImage, SamInput};
 use crate::kv::{KvConfig, PagedKvCache, SeqId};
@@ -30,7 +31,7 @@ use crate::task::postprocess::{self, ClassInfo, MaskResult, Prediction};
 use crate::task::prompt::{chat_prompt, encode_chunks, encode_text, PromptToken};
 use crate::task::result::{ResultJson, Timings};
 use crate::task::templates::{question, QuestionInput, Task, DEFAULT_FORCED_ANSWER};
-use crate::{Config, Device, Error, Result, Tensor, Weights};
+use crate::{Config, Device, Error, MemoryPlan, Result, Tensor, Weights};
 use std::path::Path;
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -40,18 +41,20 @@ const KV_BLOCK: usize = 16;
 
 /// A loaded model: configuration, tokenizer and every stage.
 pub struct Model {
-    cfg: Config,
+    pub(crate) cfg: Config,
     tokenizer: Tokenizer,
-    sam: SamEncoder,
-    siglip: SiglipEncoder,
-    visual_proj: Projector,
-    seg_proj: Projector,
-    connector: Connector,
-    pixel_decoder: PixelDecoder,
-    mask_decoder: MaskDecoder,
-    class_head: ClassHead,
-    llm: Phi3,
+    pub(crate) sam: SamEncoder,
+    pub(crate) siglip: SiglipEncoder,
+    pub(crate) visual_proj: Projector,
+    pub(crate) seg_proj: Projector,
+    pub(crate) connector: Connector,
+    pub(crate) pixel_decoder: PixelDecoder,
+    pub(crate) mask_decoder: MaskDecoder,
+    pub(crate) class_head: ClassHead,
+    pub(crate) llm: Phi3,
     sampler: RegionSampler,
+    /// Bytes of the mapped weight files.
+    weights_bytes: u64,
 }
 
 /// One request on a session's image.
@@ -141,6 +144,18 @@ fn ms(t: Instant) -> f64 {
 impl Model {
     /// Loads `config.json`, the weights and `tokenizer.json` from `dir` and builds every stage.
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Model> {
+        Self::load_with_progress(dir, device, &mut |_| true)
+    }
+
+    /// [`load`](Self::load), reporting progress in [0, 1] as it goes: 0 at the start, then after
+    /// the config, the tokenizer, each weight file mapped and checked, and each stage built (in
+    /// proportion to its weight bytes); never decreasing, exactly 1.0 last. `progress` returning
+    /// false cancels the load with [`Error::Aborted`].
+    pub fn load_with_progress(
+        dir: impl AsRef<Path>,
+        device: Device,
+        progress: &mut dyn FnMut(f32) -> bool,
+    ) -> Result<Model> {
         let dir = dir.as_ref();
         if let Device::Cuda(_) = device {
             return Err(Error::Backend {
@@ -154,25 +169,72 @@ impl Model {
                 dir.display()
             )));
         }
+        let mut progress = LoadProgress::new(progress);
+        progress.report(0.0)?;
         let cfg = Config::load(dir)?;
+        progress.report(0.02)?;
         let tokenizer = crate::tokenizer::load_tokenizer(dir)?;
         crate::tokenizer::check_tokenizer(&tokenizer, &cfg)?;
-        let weights = Weights::load(dir)?;
+        progress.report(0.10)?;
+        let weights = Weights::load_with_progress(dir, &mut |done, total| {
+            progress.report(0.10 + 0.15 * done as f32 / total.max(1) as f32)
+        })?;
         crate::model::check_weights(&weights, &cfg)?;
+        progress.report(0.27)?;
         let root = weights.root();
-        Ok(Model {
-            sam: SamEncoder::for_xsam(&cfg, &root.pp("segmentor.encoder"))?,
-            siglip: SiglipEncoder::for_xsam(&cfg.vision, &root.pp("visual_encoder.vision_model"))?,
-            visual_proj: Projector::visual(&root, &cfg)?,
-            seg_proj: Projector::seg(&root, &cfg)?,
-            connector: Connector::load(&root, &cfg)?,
-            pixel_decoder: PixelDecoder::load(&root, &cfg)?,
-            mask_decoder: MaskDecoder::load(&root, &cfg)?,
-            class_head: ClassHead::load(&root, &cfg)?,
-            llm: Phi3::load(&root.pp("llm"), &cfg.llm)?,
+        // The stages, in the order built: the rest of the way in proportion to weight bytes.
+        let all = weights.bytes_under("").max(1);
+        let sam_b = weights.bytes_under("segmentor.encoder.");
+        let siglip_b = weights.bytes_under("visual_encoder.vision_model.");
+        let llm_b = weights.bytes_under("llm.");
+        let heads_b = all.saturating_sub(sam_b + siglip_b + llm_b);
+        let mut done = 0u64;
+        let mut built = |p: &mut LoadProgress, bytes: u64| {
+            done += bytes;
+            p.report(0.27 + 0.72 * (done as f32 / all as f32).min(1.0))
+        };
+        let sam = SamEncoder::for_xsam(&cfg, &root.pp("segmentor.encoder"))?;
+        built(&mut progress, sam_b)?;
+        let siglip = SiglipEncoder::for_xsam(&cfg.vision, &root.pp("visual_encoder.vision_model"))?;
+        built(&mut progress, siglip_b)?;
+        let visual_proj = Projector::visual(&root, &cfg)?;
+        let seg_proj = Projector::seg(&root, &cfg)?;
+        let connector = Connector::load(&root, &cfg)?;
+        let pixel_decoder = PixelDecoder::load(&root, &cfg)?;
+        let mask_decoder = MaskDecoder::load(&root, &cfg)?;
+        let class_head = ClassHead::load(&root, &cfg)?;
+        built(&mut progress, heads_b)?;
+        let llm = Phi3::load(&root.pp("llm"), &cfg.llm)?;
+        built(&mut progress, llm_b)?;
+        let model = Model {
+            sam,
+            siglip,
+            visual_proj,
+            seg_proj,
+            connector,
+            pixel_decoder,
+            mask_decoder,
+            class_head,
+            llm,
             sampler: RegionSampler::new(cfg.region_sampler.num_points),
+            weights_bytes: weights.mapped_bytes(),
             tokenizer,
             cfg,
+        };
+        progress.report(1.0)?;
+        Ok(model)
+    }
+
+    /// What this model and one open session on it hold in memory (see [`MemoryPlan`]).
+    pub fn memory_plan(&self) -> Result<MemoryPlan> {
+        // The prefix as `session` splices it: its tokens with the image block in place of <image>.
+        let prefix_len =
+            self.prefix_tokens()?.len().saturating_sub(1) + self.cfg.num_image_tokens();
+        let kv = self.kv_config(prefix_len)?;
+        Ok(MemoryPlan {
+            weights: self.weights_bytes,
+            kv_pool: (kv.num_blocks * kv.bytes_per_block(4)) as u64,
+            arena: crate::memory::arena_bytes(self, prefix_len)? as u64,
         })
     }
 
@@ -484,9 +546,20 @@ impl<'m> Session<'m> {
         self.image_size
     }
 
+    /// Bytes of this session's executor arena (grown to the largest graph run so far).
+    pub fn arena_bytes(&self) -> usize {
+        self.exec.arena_bytes()
+    }
+
+    /// Bytes of this session's KV pool (allocated when the session was opened).
+    pub fn kv_pool_bytes(&self) -> usize {
+        let c = self.cache.config();
+        c.num_blocks * c.bytes_per_block(4)
+    }
+
     /// Runs one request.
     pub fn run(&mut self, req: &Request) -> Result<Output> {
-        self.run_with_progress(req, &mut |_| {})
+        self.run_with_hooks(req, &mut RunHooks::default())
     }
 
     /// [`run`](Self::run), calling `on_token` for every generated id.
@@ -495,6 +568,18 @@ impl<'m> Session<'m> {
         req: &Request,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Output> {
+        let mut hooks = RunHooks {
+            on_token: Some(on_token),
+            should_abort: None,
+        };
+        self.run_with_hooks(req, &mut hooks)
+    }
+
+    /// [`run`](Self::run) with caller hooks: `on_token` sees every generated id, `should_abort`
+    /// is polled between stages (see [`RunHooks`]) and stops the run with [`Error::Aborted`]
+    /// (no output; the session stays usable).
+    pub fn run_with_hooks(&mut self, req: &Request, hooks: &mut RunHooks<'_>) -> Result<Output> {
+        hooks.check("before it started")?;
         let total = Instant::now();
         let model = self.model;
         let cfg = &model.cfg;
@@ -504,8 +589,9 @@ impl<'m> Session<'m> {
         let t = Instant::now();
         let (suffix, regions, region_side) = self.prepare(req, &mut dump)?;
         timings.push("prompt", ms(t));
+        hooks.check("after the prompt was prepared")?;
 
-        let pass = self.llm_pass(req, &suffix, &regions, true, on_token, &mut timings)?;
+        let pass = self.llm_pass(req, &suffix, &regions, true, hooks, &mut timings)?;
         let tok = &model.tokenizer;
         let end = cfg.tokens.end;
         let shown: &[u32] = match pass.token_ids.split_last() {
@@ -534,7 +620,9 @@ impl<'m> Session<'m> {
         }
 
         let masks = if req.task.segments() {
-            self.segment(req, &pass, region_side.as_deref(), &mut dump, &mut timings)?
+            hooks.check("before segmentation")?;
+            let canvas = region_side.as_deref();
+            self.segment(req, &pass, canvas, &mut dump, &mut timings, hooks)?
         } else {
             vec![]
         };
@@ -648,7 +736,7 @@ impl<'m> Session<'m> {
         suffix: &[PromptToken],
         regions: &[Vec<f32>],
         reuse_prefix: bool,
-        on_token: &mut dyn FnMut(u32),
+        hooks: &mut RunHooks<'_>,
         timings: &mut Timings,
     ) -> Result<LlmPass> {
         let model = self.model;
@@ -693,18 +781,31 @@ impl<'m> Session<'m> {
             let (token_ids, hidden) = if forced {
                 let f = llm.forward(exec, cache, seq, &input)?;
                 timings.push("llm_prefill", ms(t));
+                hooks.check("after the LLM prefill")?;
                 (answer_ids.clone(), f.hidden)
             } else {
                 // Fed positions = prompt + max_new - 1 must fit the context.
                 let max_new = req.max_new_tokens.min(ctx - total + 1);
-                let g = llm.generate(
+                let RunHooks {
+                    on_token,
+                    should_abort,
+                } = &mut *hooks;
+                let g = llm.generate_with(
                     exec,
                     cache,
                     seq,
                     &input,
                     max_new,
                     cfg.tokens.end,
-                    &mut *on_token,
+                    &mut |id| {
+                        if let Some(f) = on_token.as_mut() {
+                            f(id)
+                        }
+                    },
+                    &mut |k| match k {
+                        0 => poll(should_abort, "after the LLM prefill"),
+                        _ => poll(should_abort, &format!("after {k} generated tokens")),
+                    },
                 )?;
                 timings.push("llm_generate", ms(t));
                 let fed = g.ids.len().saturating_sub(1);
@@ -761,7 +862,7 @@ impl<'m> Session<'m> {
             &suffix,
             &regions,
             reuse_prefix,
-            &mut |_| {},
+            &mut RunHooks::default(),
             &mut Timings::default(),
         )?;
         if reuse_prefix {
@@ -809,6 +910,7 @@ impl<'m> Session<'m> {
         prompt_canvas: Option<&[u8]>,
         dump: &mut Vec<(String, Tensor)>,
         timings: &mut Timings,
+        hooks: &mut RunHooks<'_>,
     ) -> Result<Vec<MaskResult>> {
         let model = self.model;
         let cfg = &model.cfg;
@@ -873,6 +975,7 @@ impl<'m> Session<'m> {
         let seg_embed = ch.seg_embedding(&proj, seg[0])?;
         let table = ch.class_table(&cond)?;
         timings.push("llm_projector", ms(t));
+        hooks.check("before the mask decoder")?;
 
         let t = Instant::now();
         let ms_refs: Vec<&Tensor> = self.side.pixel.multi_scale.iter().collect();
@@ -892,6 +995,7 @@ impl<'m> Session<'m> {
             dump.push(("final.mask_logits".into(), out.mask_logits.clone()));
         }
 
+        hooks.check("before post-processing")?;
         let t = Instant::now();
         let md = out.mask_logits.dims().to_vec();
         let (qn, gh, gw) = match md[..] {

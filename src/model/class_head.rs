@@ -71,6 +71,11 @@ impl ClassHead {
         self.bg.len()
     }
 
+    /// `llm_projector` (for planning its graph).
+    pub fn projector(&self) -> &Projector {
+        &self.llm_projector
+    }
+
     /// `proj.llm`: the projected states `[T, E]` of hidden states `[T, D]`.
     pub fn project(&self, exec: &mut Executor, hidden: &Tensor) -> Result<Tensor> {
         self.llm_projector.forward(exec, "proj.llm", hidden)

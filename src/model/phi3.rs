@@ -200,6 +200,12 @@ impl Phi3 {
         Ok((g, input, hidden, logits))
     }
 
+    /// Arena bytes of one forward over `t` tokens at position `pos0` (the planner's peak).
+    pub fn forward_peak_bytes(&self, t: usize, pos0: usize) -> Result<usize> {
+        let (g, ..) = self.build(t, pos0)?;
+        Ok(Plan::new(&g, &[])?.peak_bytes)
+    }
+
     /// Runs `embeds [T, hidden]` at the end of sequence `seq`, appending their K/V.
     pub fn forward(
         &self,
@@ -271,8 +277,36 @@ impl Phi3 {
         end_id: u32,
         mut on_token: impl FnMut(u32),
     ) -> Result<Generation> {
+        self.generate_with(
+            exec,
+            cache,
+            seq,
+            prompt,
+            max_new_tokens,
+            end_id,
+            &mut on_token,
+            &mut |_| Ok(()),
+        )
+    }
+
+    /// [`generate`](Self::generate) with `before_step(k)` called after the prefill (k = 0) and
+    /// before decode step k (once k ids exist); an error from it (an abort) ends the generation
+    /// with that error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with(
+        &self,
+        exec: &mut Executor,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        prompt: &Tensor,
+        max_new_tokens: usize,
+        end_id: u32,
+        on_token: &mut dyn FnMut(u32),
+        before_step: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<Generation> {
         let d = self.cfg.hidden_size;
         let first = self.forward(exec, cache, seq, prompt)?;
+        before_step(0)?;
         let mut hidden = first.hidden.to_vec_f32()?;
         let mut logits = first.last_logits;
         let mut ids = vec![];
@@ -283,6 +317,7 @@ impl Phi3 {
             if next == end_id || ids.len() == max_new_tokens {
                 break;
             }
+            before_step(ids.len())?;
             let e = Tensor::from_f32(self.embed(&[next])?, [1, d])?;
             let f = self.forward(exec, cache, seq, &e)?;
             hidden.extend(f.hidden.to_vec_f32()?);

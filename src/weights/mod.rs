@@ -97,15 +97,24 @@ impl Weights {
     /// In a directory, `model.safetensors.index.json` is used when present, else
     /// `model.safetensors`.
     pub fn load(path: impl AsRef<Path>) -> Result<Weights> {
+        Self::load_with_progress(path, &mut |_, _| Ok(()))
+    }
+
+    /// [`load`](Self::load), calling `on_file(done, total)` after each file is mapped and its
+    /// header validated; an error from it stops the load with that error.
+    pub fn load_with_progress(
+        path: impl AsRef<Path>,
+        on_file: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Weights> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| werr(path, format!("cannot open: {e}")))?;
         if meta.is_dir() {
             let index = path.join(INDEX_FILE);
             let single = path.join(SINGLE_FILE);
             if index.is_file() {
-                Self::load_index_at(&index, path)
+                Self::load_index_at(&index, path, on_file)
             } else if single.is_file() {
-                Self::load_files(&[single], path)
+                Self::load_files(&[single], path, on_file)
             } else {
                 Err(werr(
                     path,
@@ -113,9 +122,9 @@ impl Weights {
                 ))
             }
         } else if path.to_string_lossy().ends_with(".json") {
-            Self::load_index_at(path, path)
+            Self::load_index_at(path, path, on_file)
         } else {
-            Self::load_files(&[path.to_path_buf()], path)
+            Self::load_files(&[path.to_path_buf()], path, on_file)
         }
     }
 
@@ -123,10 +132,14 @@ impl Weights {
     /// (`{"metadata": {...}, "weight_map": {"tensor name": "shard file name"}}`).
     pub fn load_index(index: impl AsRef<Path>) -> Result<Weights> {
         let index = index.as_ref();
-        Self::load_index_at(index, index)
+        Self::load_index_at(index, index, &mut |_, _| Ok(()))
     }
 
-    fn load_index_at(index: &Path, location: &Path) -> Result<Weights> {
+    fn load_index_at(
+        index: &Path,
+        location: &Path,
+        on_file: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Weights> {
         let text = std::fs::read_to_string(index)
             .map_err(|e| werr(index, format!("cannot read index: {e}")))?;
         let v: serde_json::Value = serde_json::from_str(&text)
@@ -173,7 +186,7 @@ impl Weights {
             }
             paths.push(p);
         }
-        let w = Self::load_files(&paths, location)?;
+        let w = Self::load_files(&paths, location, on_file)?;
         // Every listed tensor must be in the shard the index names.
         for (name, file) in map {
             let file = file.as_str().unwrap_or_default();
@@ -196,10 +209,14 @@ impl Weights {
     /// Opens one or more safetensors files as one set of weights (a name may appear only once).
     pub fn from_files(paths: &[PathBuf]) -> Result<Weights> {
         let location = paths.first().cloned().unwrap_or_default();
-        Self::load_files(paths, &location)
+        Self::load_files(paths, &location, &mut |_, _| Ok(()))
     }
 
-    fn load_files(paths: &[PathBuf], location: &Path) -> Result<Weights> {
+    fn load_files(
+        paths: &[PathBuf],
+        location: &Path,
+        on_file: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Weights> {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();
         for (fi, p) in paths.iter().enumerate() {
@@ -227,6 +244,7 @@ impl Weights {
                 map: mf.map,
                 metadata: mf.metadata,
             });
+            on_file(fi + 1, paths.len())?;
         }
         Ok(Weights {
             inner: Arc::new(Inner {
@@ -270,6 +288,24 @@ impl Weights {
     /// The `__metadata__` map of the header of file `i` (in [`Weights::files`] order).
     pub fn file_metadata(&self, i: usize) -> Option<&HashMap<String, String>> {
         self.inner.files.get(i)?.metadata.as_ref()
+    }
+
+    /// Data bytes of the tensors whose names start with `prefix` ("" = all of them).
+    pub fn bytes_under(&self, prefix: &str) -> u64 {
+        self.inner
+            .entries
+            .range(prefix.to_string()..)
+            .take_while(|(n, _)| n.starts_with(prefix))
+            .map(|(_, e)| match e {
+                Entry::Mapped { len, .. } => *len as u64,
+                Entry::Owned(t) => (t.numel() * t.dtype().size_in_bytes()) as u64,
+            })
+            .sum()
+    }
+
+    /// Bytes of the mapped files (what the weights occupy once paged in; 0 in memory).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.inner.files.iter().map(|f| f.map.len() as u64).sum()
     }
 
     /// All tensor names, sorted.
