@@ -804,6 +804,7 @@ impl<'m> Session<'m> {
                     },
                     &mut |k| match k {
                         0 => poll(should_abort, "after the LLM prefill"),
+                        1 => poll(should_abort, "after 1 generated token"),
                         _ => poll(should_abort, &format!("after {k} generated tokens")),
                     },
                 )?;

@@ -349,3 +349,152 @@ fn bad_requests_are_input_errors() {
         model().check_request(&r, (h, w)).unwrap();
     }
 }
+
+/// `(polls seen, error)` of a run whose abort poll answers true on poll `stop_at` (1-based; 0:
+/// never), with the ids the token hook saw.
+fn run_stopping_at(
+    session: &mut xsam::Session<'_>,
+    req: &Request,
+    stop_at: usize,
+) -> (usize, Vec<u32>, xsam::Result<xsam::Output>) {
+    let polls = std::cell::Cell::new(0usize);
+    let mut ids = vec![];
+    let mut on_token = |id| ids.push(id);
+    let mut should_abort = || {
+        polls.set(polls.get() + 1);
+        polls.get() == stop_at
+    };
+    let mut hooks = xsam::RunHooks {
+        on_token: Some(&mut on_token),
+        should_abort: Some(&mut should_abort),
+    };
+    let out = session.run_with_hooks(req, &mut hooks);
+    drop(hooks);
+    (polls.get(), ids, out)
+}
+
+fn aborted_message(r: xsam::Result<xsam::Output>) -> String {
+    match r {
+        Err(e @ xsam::Error::Aborted(_)) => {
+            assert!(!e.is_user_input(), "an abort is not a user-input error");
+            e.to_string()
+        }
+        Err(e) => panic!("expected Error::Aborted, got {e}"),
+        Ok(_) => panic!("expected Error::Aborted, got a result"),
+    }
+}
+
+#[test]
+fn the_abort_poll_stops_a_run_between_stages_and_the_session_stays_usable() {
+    let (w, h) = (64, 48);
+    let mut session = model().session(&image(w, h, 1)).unwrap();
+
+    // Forced segmentation: the polls come in this order, one each.
+    let mut referring = Request::new(Task::Referring);
+    referring.text = Some("the red circle".into());
+    referring.forced = true;
+    let (polls, _, plain) = run_stopping_at(&mut session, &referring, 0);
+    let plain = strip_timings(plain.unwrap().result);
+    let stages = [
+        "before it started",
+        "after the prompt was prepared",
+        "after the LLM prefill",
+        "before segmentation",
+        "before the mask decoder",
+        "before post-processing",
+    ];
+    assert_eq!(polls, stages.len());
+    for (i, at) in stages.iter().enumerate() {
+        let (polls, _, r) = run_stopping_at(&mut session, &referring, i + 1);
+        assert_eq!(polls, i + 1, "no poll after the one that stopped the run");
+        let msg = aborted_message(r);
+        assert!(msg.contains(at), "poll {}: `{msg}` lacks `{at}`", i + 1);
+    }
+
+    // Generation: after the prefill, one poll before every decode step.
+    let mut conv = Request::new(Task::Conversation);
+    conv.text = Some("What is in the image?".into());
+    conv.max_new_tokens = 6;
+    let (_, ids, full) = run_stopping_at(&mut session, &conv, 0);
+    let full = strip_timings(full.unwrap().result);
+    assert!(
+        ids.len() >= 3,
+        "the tiny model ended after {} tokens",
+        ids.len()
+    );
+    // polls: start, prompt, prefill, then after token 1, after token 2
+    let (polls, seen, r) = run_stopping_at(&mut session, &conv, 5);
+    assert_eq!((polls, seen.as_slice()), (5, &ids[..2]));
+    let msg = aborted_message(r);
+    assert!(msg.contains("after 2 generated tokens"), "{msg}");
+
+    // Aborted at the first poll: nothing ran.
+    let (polls, seen, r) = run_stopping_at(&mut session, &conv, 1);
+    assert_eq!((polls, seen.len()), (1, 0));
+    assert!(aborted_message(r).contains("before it started"));
+
+    // Nothing an abort left behind changes later runs.
+    let again = session.run(&referring).unwrap();
+    assert_eq!(strip_timings(again.result), plain);
+    let again = session.run(&conv).unwrap();
+    assert_eq!(strip_timings(again.result), full);
+}
+
+#[test]
+fn load_progress_is_monotone_ends_at_one_and_can_cancel() {
+    let dir = model_dir().join("model");
+    let mut seen = vec![];
+    Model::load_with_progress(&dir, Device::Cpu, &mut |p| {
+        seen.push(p);
+        true
+    })
+    .unwrap();
+    assert_eq!(seen.first(), Some(&0.0));
+    assert_eq!(seen.last(), Some(&1.0));
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    let between = seen.iter().filter(|&&p| p > 0.0 && p < 1.0).count();
+    assert!(between >= 4, "few intermediate values: {seen:?}");
+
+    // Cancelled part way: the callback is not called again and no model comes back.
+    let mut calls = 0;
+    let r = Model::load_with_progress(&dir, Device::Cpu, &mut |p| {
+        calls += 1;
+        p < 0.2
+    });
+    match r {
+        Err(e @ xsam::Error::Aborted(_)) => assert!(e.to_string().contains("cancelled")),
+        Err(e) => panic!("expected Error::Aborted, got {e}"),
+        Ok(_) => panic!("the cancelled load returned a model"),
+    }
+    let first_at_or_above = seen.iter().position(|&p| p >= 0.2).unwrap() + 1;
+    assert_eq!(calls, first_at_or_above);
+    assert!(calls > 1);
+}
+
+#[test]
+fn memory_plan_covers_the_weight_files_the_kv_pool_and_the_arena() {
+    let m = model();
+    let plan = m.memory_plan().unwrap();
+    let files: u64 = std::fs::read_dir(model_dir().join("model"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(plan.weights, files);
+
+    let (w, h) = (64, 48);
+    let mut session = m.session(&image(w, h, 2)).unwrap();
+    assert_eq!(session.kv_pool_bytes() as u64, plan.kv_pool);
+    for req in requests(w, h) {
+        session.run(&req).unwrap();
+    }
+    let used = session.arena_bytes() as u64;
+    eprintln!("memory plan {plan:?}, arena used after every task {used}");
+    assert!(used > 0 && used <= plan.arena, "{used} > {}", plan.arena);
+
+    assert!(plan.check(plan.total()).is_ok());
+    let err = plan.check(plan.weights + 1).unwrap_err();
+    assert!(matches!(err, xsam::Error::OutOfMemory(_)));
+    assert!(err.to_string().contains("the KV pool does not"), "{err}");
+}
