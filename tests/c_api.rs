@@ -1,7 +1,9 @@
 //! The C ABI from C: `tests/c/test_capi.c` (compiled with the system C compiler, `cc`) and
 //! `tests/c/test_header.cpp` (the header alone under `c++ -Wall -Wextra -Werror -pedantic`), linked
-//! against the cdylib cargo built for this test run. The C program's results are checked against
-//! the Rust API on the same inputs, and its error cases against the expected codes and messages.
+//! against the cdylib cargo built for this test run; the C program is also linked statically
+//! against the staticlib (`libxsam.a` plus the system libraries Rust's std needs). The C
+//! program's results are checked against the Rust API on the same inputs, and its soft
+//! conditions and error cases against the expected codes and messages.
 //!
 //! With `XSAM_VALGRIND=1` (set by `.ci/run` when valgrind exists) the C program also runs under
 //! `valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite`: invalid
@@ -135,11 +137,47 @@ fn test_capi_exe() -> &'static PathBuf {
     EXE.get_or_init(|| build("cc", "tests/c/test_capi.c", C_FLAGS, "test_capi"))
 }
 
-fn c_command(exe: &Path) -> Command {
-    let mut c = Command::new(exe);
+/// `test_capi` linked against `libxsam.a`: no rpath, no libxsam.so needed at run time.
+fn test_capi_static_exe() -> PathBuf {
+    let lib = lib_dir().join("libxsam.a");
+    assert!(lib.exists(), "{} (the staticlib crate type)", lib.display());
+    let exe = work_dir().join("test_capi_static");
+    run(Command::new("cc")
+        .args(C_FLAGS)
+        .arg(root().join("tests/c/test_capi.c"))
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(&lib)
+        .args(STATIC_LIBS)
+        .arg("-o")
+        .arg(&exe));
+    exe
+}
+
+/// What a staticlib of this crate needs from the system on Linux (`rustc --print
+/// native-static-libs`; dlopen for the dynamically loaded CUDA libraries is among them).
+const STATIC_LIBS: &[&str] = &["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"];
+
+/// The memory budgets test_capi tries: the weights alone, weights + KV pool, everything.
+fn budgets() -> [String; 3] {
+    static B: OnceLock<[u64; 3]> = OnceLock::new();
+    let b = B.get_or_init(|| {
+        let model = Model::load(work_dir().join("model"), Device::Cpu).unwrap();
+        let p = model.memory_plan().unwrap();
+        [p.weights, p.weights + p.kv_pool, p.total()]
+    });
+    b.map(|v| v.to_string())
+}
+
+fn c_args(c: &mut Command) -> &mut Command {
     c.arg(work_dir().join("model"))
         .arg(work_dir().join("image.png"))
-        .env("LD_LIBRARY_PATH", lib_dir());
+        .args(budgets())
+}
+
+fn c_command(exe: &Path) -> Command {
+    let mut c = Command::new(exe);
+    c_args(&mut c).env("LD_LIBRARY_PATH", lib_dir());
     c
 }
 
@@ -217,10 +255,27 @@ fn rust_requests() -> Vec<(&'static str, Request)> {
 fn c_program_matches_the_rust_api_and_reports_errors() {
     let exe = test_capi_exe();
     let out = run(&mut c_command(exe));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    check_c_output(&String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn c_program_linked_statically_matches_too() {
+    let exe = test_capi_static_exe();
+    let mut cmd = Command::new(&exe);
+    c_args(&mut cmd).env_remove("LD_LIBRARY_PATH");
+    let out = run(&mut cmd);
+    check_c_output(&String::from_utf8_lossy(&out.stdout));
+    // nothing of libxsam.so in the executable's dynamic dependencies
+    if let Ok(out) = Command::new("ldd").arg(&exe).output() {
+        let deps = String::from_utf8_lossy(&out.stdout);
+        assert!(!deps.contains("libxsam"), "{deps}");
+    }
+}
+
+fn check_c_output(stdout: &str) {
     assert!(stdout.lines().any(|l| l == "ok"), "{stdout}");
     assert!(stdout.contains(&format!("version {}", env!("CARGO_PKG_VERSION"))));
-    let c = parse(&stdout);
+    let c = parse(stdout);
 
     let model = Model::load(work_dir().join("model"), Device::Cpu).unwrap();
     let mut session = model.session(&image()).unwrap();
@@ -259,9 +314,21 @@ fn c_program_matches_the_rust_api_and_reports_errors() {
             assert!(!want.masks.is_empty(), "threshold 0 keeps segments");
         }
     }
-    // the session on the PNG bytes sees the same pixels
-    let (a, b) = (&c.results["referring"], &c.results["referring_png"]);
-    assert_eq!((&a.masks, &a.token_ids), (&b.masks, &b.token_ids));
+    // the session on the PNG bytes sees the same pixels; aborted runs leave no trace
+    for other in ["referring_png", "referring_after_abort"] {
+        let (a, b) = (&c.results["referring"], &c.results[other]);
+        assert_eq!((&a.masks, &a.token_ids, &a.text), (&b.masks, &b.token_ids, &b.text));
+    }
+    // the load progress: from 0 to exactly 1, never decreasing
+    let progress: Vec<f32> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("progress "))
+        .expect("a progress line")
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!((progress[0], progress[progress.len() - 1]), (0.0, 1.0));
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
 
     let expected: &[(&str, i32, &str)] = &[
         ("load_null_path", -2, "xsam_model_load: path is NULL"),
@@ -317,16 +384,40 @@ fn c_program_matches_the_rust_api_and_reports_errors() {
         ("run_vprompt_wrong_image_size", -5, "visual prompt 1"),
         ("run_vprompt_wrong_task", -5, "does not take visual prompts"),
         (
-            "run_aborted",
+            "run_aborted_first_poll",
             1,
-            "aborted by the abort callback before the run",
+            "xsam_session_run: aborted: the run was stopped before it started",
         ),
         (
-            "run_aborted_after",
+            "run_aborted_mask_decoder",
             1,
-            "aborted by the abort callback (result discarded)",
+            "the run was stopped before the mask decoder",
         ),
-        ("load_cancelled", 1, "cancelled by the progress callback"),
+        (
+            "run_aborted_tokens",
+            1,
+            "the run was stopped after 2 generated tokens",
+        ),
+        (
+            "load_cancelled",
+            1,
+            "xsam_model_load: aborted: the model load was cancelled by the progress callback at 0%",
+        ),
+        (
+            "load_cancelled_mid",
+            1,
+            "cancelled by the progress callback at",
+        ),
+        (
+            "load_budget_kv",
+            -7,
+            "the weights fit, the KV pool does not",
+        ),
+        (
+            "load_budget_arena",
+            -7,
+            "the weights and KV pool fit, the executor arena does not",
+        ),
         ("text_small_buffer", 2, "the buffer holds 4 bytes"),
         ("text_null_result", -2, "xsam_result_text: result is NULL"),
         ("n_masks_null_out", -2, "n is NULL"),
@@ -389,10 +480,8 @@ fn c_program_is_clean_under_valgrind() {
         "--errors-for-leak-kinds=definite",
         "--show-leak-kinds=definite",
     ])
-    .arg(exe)
-    .arg(work_dir().join("model"))
-    .arg(work_dir().join("image.png"))
-    .env("LD_LIBRARY_PATH", lib_dir());
+    .arg(exe);
+    c_args(&mut cmd).env("LD_LIBRARY_PATH", lib_dir());
     let out = run(&mut cmd);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.lines().any(|l| l == "ok"), "{stdout}");

@@ -1,12 +1,15 @@
 /*
  * The C API end to end, driven by tests/c_api.rs:
  *
- *     test_capi MODEL_DIR IMAGE_PNG
+ *     test_capi MODEL_DIR IMAGE_PNG WEIGHTS KV_END TOTAL
  *
- * Loads the model, opens a session on a synthetic RGB8 image (the same pixels as IMAGE_PNG, which
- * also gets a session from its encoded bytes), runs a referring, a panoptic and a short generated
- * conversation request, prints every result, then runs the error cases. Output lines (parsed by
- * the Rust side, which checks them against the Rust API on the same inputs):
+ * Loads the model (checking the progress values), opens a session on a synthetic RGB8 image (the
+ * same pixels as IMAGE_PNG, which also gets a session from its encoded bytes), runs a referring, a
+ * panoptic and a short generated conversation request, prints every result, then runs the soft
+ * conditions (aborts, cancelled loads) and the error cases. WEIGHTS, KV_END and TOTAL are memory
+ * budgets in bytes: the weights alone, weights + KV pool, and weights + KV pool + arena (the Rust
+ * side's Model::memory_plan). Output lines (parsed by the Rust side, which checks them against the
+ * Rust API on the same inputs):
  *
  *     result NAME JSON
  *     text NAME TEXT
@@ -146,29 +149,38 @@ static void expect(const char * name, int32_t got, int32_t want) {
     }
 }
 
-static bool abort_now(void * user_data) {
-    int * calls = (int *) user_data;
-    (*calls)++;
-    return true;
+/* Counts polls; true (abort) on poll number stop_at (1-based). */
+typedef struct {
+    int calls;
+    int stop_at;
+} abort_state;
+
+static bool abort_at(void * user_data) {
+    abort_state * a = (abort_state *) user_data;
+    return ++a->calls == a->stop_at;
 }
 
-/* true on the second poll: the request runs, then its result is discarded */
-static bool abort_second(void * user_data) {
-    int * calls = (int *) user_data;
-    return ++(*calls) == 2;
+/* Records the progress values; false (cancel) once a value reaches cancel_at. */
+typedef struct {
+    float values[256];
+    int n;
+    float cancel_at;
+} progress_log;
+
+static bool log_progress(float progress, void * user_data) {
+    progress_log * log = (progress_log *) user_data;
+    if (log->n < 256) {
+        log->values[log->n] = progress;
+    }
+    log->n++;
+    return progress < log->cancel_at;
 }
 
-static bool cancel_load(float progress, void * user_data) {
-    (void) progress;
-    (void) user_data;
-    return false;
-}
-
-static bool count_progress(float progress, void * user_data) {
-    int * calls = (int *) user_data;
-    (void) progress;
-    (*calls)++;
-    return true;
+static uint64_t parse_u64(const char * s) {
+    char * end = NULL;
+    unsigned long long v = strtoull(s, &end, 10);
+    CHECK(end != s && *end == '\0');
+    return (uint64_t) v;
 }
 
 int main(int argc, char ** argv) {
@@ -183,20 +195,37 @@ int main(int argc, char ** argv) {
     xsam_result * res = NULL;
     uint8_t * png;
     size_t png_size = 0;
-    int progress_calls = 0, abort_calls = 0;
+    static progress_log log;
+    abort_state ab;
+    uint64_t budget_weights, budget_kv_end, budget_total;
+    int i, between = 0;
 
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s MODEL_DIR IMAGE_PNG\n", argv[0]);
+    if (argc != 6) {
+        fprintf(stderr, "usage: %s MODEL_DIR IMAGE_PNG WEIGHTS KV_END TOTAL\n", argv[0]);
         return 2;
     }
+    budget_weights = parse_u64(argv[3]);
+    budget_kv_end = parse_u64(argv[4]);
+    budget_total = parse_u64(argv[5]);
     printf("version %s\n", xsam_version());
     make_image(px);
 
-    mp.progress_callback = count_progress;
-    mp.progress_callback_user_data = &progress_calls;
+    /* progress: 0 first, never decreasing, several values between, exactly 1 last */
+    log.cancel_at = 2.0f;
+    mp.progress_callback = log_progress;
+    mp.progress_callback_user_data = &log;
     CHECK(xsam_model_load(argv[1], mp, &model) == XSAM_OK && model != NULL);
-    CHECK(progress_calls >= 2);
     CHECK(strcmp(xsam_last_error(), "") == 0);
+    CHECK(log.n >= 3 && log.n <= 256);
+    CHECK(log.values[0] == 0.0f && log.values[log.n - 1] == 1.0f);
+    printf("progress");
+    for (i = 0; i < log.n; i++) {
+        CHECK(i == 0 || log.values[i] >= log.values[i - 1]);
+        between += log.values[i] > 0.0f && log.values[i] < 1.0f;
+        printf(" %.9g", (double) log.values[i]);
+    }
+    printf("\n");
+    CHECK(between >= 3);
     CHECK(xsam_session_from_rgb8(model, px, sizeof px, W, H, &session) == XSAM_OK);
     png = read_file(argv[2], &png_size);
     CHECK(xsam_session_from_image(model, png, png_size, &png_session) == XSAM_OK);
@@ -312,19 +341,76 @@ int main(int argc, char ** argv) {
         vp.height = H;
         expect("run_vprompt_wrong_task", xsam_session_run(session, rp, &r2), XSAM_ERR_INPUT);
         rp.n_vprompts = 0;
-        rp.abort_callback = abort_now;
-        rp.abort_callback_user_data = &abort_calls;
-        expect("run_aborted", xsam_session_run(session, rp, &r2), XSAM_ABORTED);
-        CHECK(r2 == NULL && abort_calls == 1);
-        abort_calls = 0;
-        rp.abort_callback = abort_second;
-        expect("run_aborted_after", xsam_session_run(session, rp, &r2), XSAM_ABORTED);
-        CHECK(r2 == NULL && abort_calls == 2);
+
+        /* aborts: at the first poll (nothing runs), before the mask decoder (the 5th poll of a
+           forced segmentation request), after two generated tokens (polls: start, prompt,
+           prefill, after token 1, after token 2) */
+        rp.text = "the red square";
+        rp.abort_callback = abort_at;
+        rp.abort_callback_user_data = &ab;
+        ab.calls = 0;
+        ab.stop_at = 1;
+        r2 = (xsam_result *) 1;
+        expect("run_aborted_first_poll", xsam_session_run(session, rp, &r2), XSAM_ABORTED);
+        CHECK(r2 == NULL && ab.calls == 1);
+        ab.calls = 0;
+        ab.stop_at = 5;
+        r2 = (xsam_result *) 1;
+        expect("run_aborted_mask_decoder", xsam_session_run(session, rp, &r2), XSAM_ABORTED);
+        CHECK(r2 == NULL && ab.calls == 5);
+        rp = xsam_request_default_params();
+        rp.task = XSAM_TASK_CONVERSATION;
+        rp.text = "What is in the image?";
+        rp.max_new_tokens = 4;
+        rp.abort_callback = abort_at;
+        rp.abort_callback_user_data = &ab;
+        ab.calls = 0;
+        ab.stop_at = 5;
+        r2 = (xsam_result *) 1;
+        expect("run_aborted_tokens", xsam_session_run(session, rp, &r2), XSAM_ABORTED);
+        CHECK(r2 == NULL && ab.calls == 5);
+        /* the session is unaffected: the same referring result as before the aborts */
+        rp = xsam_request_default_params();
+        rp.task = XSAM_TASK_REFERRING;
+        rp.text = "the red square";
+        rp.forced = true;
+        CHECK(xsam_session_run(session, rp, &r2) == XSAM_OK);
+        print_result("referring_after_abort", r2);
+        CHECK(xsam_result_free(r2) == XSAM_OK);
+        r2 = NULL;
+
+        /* cancelled loads: at the first report, and part way */
         bad = xsam_model_default_params();
-        bad.progress_callback = cancel_load;
+        bad.progress_callback = log_progress;
+        bad.progress_callback_user_data = &log;
+        log.n = 0;
+        log.cancel_at = 0.0f;
         m2 = (xsam_model *) 1;
         expect("load_cancelled", xsam_model_load(argv[1], bad, &m2), XSAM_ABORTED);
+        CHECK(m2 == NULL && log.n == 1);
+        log.n = 0;
+        log.cancel_at = 0.5f;
+        m2 = (xsam_model *) 1;
+        expect("load_cancelled_mid", xsam_model_load(argv[1], bad, &m2), XSAM_ABORTED);
+        CHECK(m2 == NULL && log.n > 2 && log.values[log.n - 1] >= 0.5f && log.values[log.n - 1] < 1.0f);
+
+        /* budgets: room for the weights only, for weights + KV pool, then for everything */
+        bad = xsam_model_default_params();
+        bad.memory_budget = budget_weights;
+        m2 = (xsam_model *) 1;
+        expect("load_budget_kv", xsam_model_load(argv[1], bad, &m2), XSAM_ERR_OUT_OF_MEMORY);
         CHECK(m2 == NULL);
+        bad.memory_budget = budget_kv_end;
+        expect("load_budget_arena", xsam_model_load(argv[1], bad, &m2), XSAM_ERR_OUT_OF_MEMORY);
+        CHECK(m2 == NULL);
+        bad.memory_budget = budget_total;
+        bad.progress_callback = log_progress;
+        bad.progress_callback_user_data = &log;
+        log.n = 0;
+        log.cancel_at = 2.0f;
+        CHECK(xsam_model_load(argv[1], bad, &m2) == XSAM_OK && m2 != NULL);
+        CHECK(log.n >= 3 && log.values[log.n - 1] == 1.0f);
+        CHECK(xsam_model_free(m2) == XSAM_OK);
 
         expect("text_small_buffer", xsam_result_json(res, small, sizeof small, &need), XSAM_BUFFER_TOO_SMALL);
         CHECK(need > sizeof small && small[3] == '\0');
