@@ -38,8 +38,10 @@
  *   - An xsam_result is read-only: the xsam_result_* readers may be called on one result from
  *     several threads concurrently; xsam_result_free must not race with them.
  *
- * Build: `cargo build --release` produces target/release/libxsam.so (and libxsam.a); compile with
- * `cc prog.c -Iinclude -Ltarget/release -lxsam`.
+ * Build: `cargo build --release` produces target/release/libxsam.so and libxsam.a. Link against the
+ * shared library with `cc prog.c -Iinclude -Ltarget/release -lxsam`, or statically with
+ * `cc prog.c -Iinclude target/release/libxsam.a -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc`
+ * (the system libraries Rust's standard library needs on Linux: `rustc --print native-static-libs`).
  */
 #ifndef XSAM_H
 #define XSAM_H
@@ -122,21 +124,38 @@ typedef struct xsam_model   xsam_model;
 typedef struct xsam_session xsam_session;
 typedef struct xsam_result  xsam_result;
 
-/* Called from the loading thread with a progress in [0, 1]; return false to cancel the load. */
+/* Called from the loading thread with the load's progress in [0, 1]: 0.0 first, then after the
+   config, the tokenizer, each weight file mapped and validated and each model stage built (in
+   proportion to its weight bytes); never decreasing; exactly 1.0 last, once the model (and the
+   memory budget check) is done. Return false to cancel: xsam_model_load then stops at once and
+   returns XSAM_ABORTED with no model. */
 typedef bool (*xsam_progress_callback)(float progress, void * user_data);
 
-/* Polled from the running thread; return true to abort the request. */
+/* Polled from the running thread between the stages of a request: before it starts, after the
+   prompt is prepared, after the LLM prefill, before every decode step of a generated answer
+   (after each generated token), before the segmentation head, before the mask decoder and before
+   the post-processing. Return true to abort: the run stops at that point, xsam_session_run
+   returns XSAM_ABORTED with no result and a message saying where it stopped. A poll costs one
+   call; the longest gap between polls is one stage (e.g. the LLM prefill of a long prompt). */
 typedef bool (*xsam_abort_callback)(void * user_data);
 
 typedef struct xsam_model_params {
     int32_t  device;        /* enum xsam_device; default XSAM_DEVICE_CPU                      */
     int32_t  device_index;  /* CUDA ordinal (>= 0); default 0                                   */
-    uint64_t memory_budget; /* bytes; 0 = no limit (default). Loading fails with
-                               XSAM_ERR_OUT_OF_MEMORY when the weight files alone exceed it; the
-                               runtime buffers (activations, KV cache) are not counted yet.     */
-    xsam_progress_callback progress_callback;  /* may be NULL (default). Currently called with
-                               0.0 before loading and 1.0 after; returning false cancels and
-                               xsam_model_load returns XSAM_ABORTED with no model.              */
+    uint64_t memory_budget; /* bytes; 0 = no limit (default). What the model and ONE open session
+                               on it hold: (1) the weights: the bytes of the *.safetensors files,
+                               (2) the session's KV cache pool (allocated when the session opens,
+                               sized for the shared prefix and one request under the sliding
+                               window), (3) the session's executor arena (its activation buffer:
+                               the planner's peak over every graph a session runs, each planned at
+                               its largest shape). Not counted: the encoder states a session keeps
+                               between requests, results, thread pools, the tokenizer. Each further
+                               session adds its own (2) and (3). xsam_model_load fails with
+                               XSAM_ERR_OUT_OF_MEMORY and a message giving each part and the first
+                               that does not fit when (1) + (2) + (3) exceeds the budget (when (1)
+                               alone does, before reading the weights).                          */
+    xsam_progress_callback progress_callback;  /* may be NULL (default); see
+                               xsam_progress_callback.                                            */
     void * progress_callback_user_data;
 } xsam_model_params;
 
@@ -170,10 +189,7 @@ typedef struct xsam_request_params {
     int32_t      max_new_tokens;    /* generation bound, > 0; default 512                         */
     double       threshold;         /* score threshold (instance, panoptic, vgd, interactive);
                                        finite; default 0.5                                       */
-    xsam_abort_callback abort_callback; /* may be NULL (default). The runtime has no hook inside a
-                                       run yet: it is polled before the run (true: nothing runs)
-                                       and after it (true: the result is discarded); either way
-                                       xsam_session_run returns XSAM_ABORTED with no result.     */
+    xsam_abort_callback abort_callback; /* may be NULL (default); see xsam_abort_callback.      */
     void * abort_callback_user_data;
 } xsam_request_params;
 
@@ -212,8 +228,8 @@ XSAM_API xsam_request_params xsam_request_default_params(void);
    (free with xsam_model_free); otherwise *out_model is NULL. Errors: XSAM_ERR_NULL (path or
    out_model NULL), XSAM_ERR_INVALID_ARG (bad device), XSAM_ERR_IO (no such directory),
    XSAM_ERR_MODEL (bad files), XSAM_ERR_BACKEND (device unavailable: the CUDA pipeline is not
-   available yet), XSAM_ERR_OUT_OF_MEMORY (memory_budget). XSAM_ABORTED: the progress callback
-   cancelled. Thread-safe (loads of different models may run concurrently). */
+   available yet), XSAM_ERR_OUT_OF_MEMORY (memory_budget: see xsam_model_params). XSAM_ABORTED: the
+   progress callback cancelled (no model). Thread-safe (loads may run concurrently). */
 XSAM_API int32_t xsam_model_load(const char * path, xsam_model_params params, xsam_model ** out_model);
 
 /* Frees a model. NULL: no-op. Refused with XSAM_ERR_INVALID_ARG (nothing freed) while sessions of
@@ -249,8 +265,9 @@ XSAM_API int32_t xsam_session_image_size(const xsam_session * session, uint32_t 
    a class string, a mask's data with n > 0), XSAM_ERR_INVALID_ARG (bad task value, wrong mask or
    image size, max_new_tokens <= 0, non-finite threshold, stale handle), XSAM_ERR_INPUT (inputs the
    task does not take, missing text, prompt too long for the context, non-UTF-8 strings).
-   XSAM_ABORTED: the abort callback asked to stop (see xsam_request_params.abort_callback).
-   The session stays usable after any return. Not thread-safe with respect to the session. */
+   XSAM_ABORTED: the abort callback asked to stop (see xsam_abort_callback); no result is made and
+   the request leaves nothing behind in the session. The session stays usable after any return.
+   Not thread-safe with respect to the session. */
 XSAM_API int32_t xsam_session_run(xsam_session * session, xsam_request_params params,
                                   xsam_result ** out_result);
 

@@ -156,7 +156,15 @@ fn test_capi_static_exe() -> PathBuf {
 
 /// What a staticlib of this crate needs from the system on Linux (`rustc --print
 /// native-static-libs`; dlopen for the dynamically loaded CUDA libraries is among them).
-const STATIC_LIBS: &[&str] = &["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"];
+const STATIC_LIBS: &[&str] = &[
+    "-lgcc_s",
+    "-lutil",
+    "-lrt",
+    "-lpthread",
+    "-lm",
+    "-ldl",
+    "-lc",
+];
 
 /// The memory budgets test_capi tries: the weights alone, weights + KV pool, everything.
 fn budgets() -> [String; 3] {
@@ -317,7 +325,10 @@ fn check_c_output(stdout: &str) {
     // the session on the PNG bytes sees the same pixels; aborted runs leave no trace
     for other in ["referring_png", "referring_after_abort"] {
         let (a, b) = (&c.results["referring"], &c.results[other]);
-        assert_eq!((&a.masks, &a.token_ids, &a.text), (&b.masks, &b.token_ids, &b.text));
+        assert_eq!(
+            (&a.masks, &a.token_ids, &a.text),
+            (&b.masks, &b.token_ids, &b.text)
+        );
     }
     // the load progress: from 0 to exactly 1, never decreasing
     let progress: Vec<f32> = stdout

@@ -369,7 +369,6 @@ fn run_stopping_at(
         should_abort: Some(&mut should_abort),
     };
     let out = session.run_with_hooks(req, &mut hooks);
-    drop(hooks);
     (polls.get(), ids, out)
 }
 
