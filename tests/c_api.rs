@@ -1,5 +1,5 @@
 //! The C ABI from C: `tests/c/test_capi.c` (compiled with the system C compiler, `cc`) and
-//! `tests/c/test_header.cpp` (the header alone under `c++ -Wall -Wextra -Werror -pedantic`), linked
+//! `tests/c/test_header.cpp` (C++ under `c++ -Wall -Wextra -Werror -pedantic`), linked
 //! against the cdylib cargo built for this test run; the C program is also linked statically
 //! against the staticlib (`libxsam.a` plus the system libraries Rust's std needs). The C
 //! program's results are checked against the Rust API on the same inputs, and its soft
@@ -280,6 +280,15 @@ fn c_program_linked_statically_matches_too() {
     }
 }
 
+/// Everything but the timings.
+fn assert_same_result(got: &ResultJson, want: &ResultJson, name: &str) {
+    assert_eq!(got.task, want.task, "{name}");
+    assert_eq!(got.text, want.text, "{name}");
+    assert_eq!(got.token_ids, want.token_ids, "{name}");
+    assert_eq!(got.image, want.image, "{name}");
+    assert_eq!(got.masks, want.masks, "{name}");
+}
+
 fn check_c_output(stdout: &str) {
     assert!(stdout.lines().any(|l| l == "ok"), "{stdout}");
     assert!(stdout.contains(&format!("version {}", env!("CARGO_PKG_VERSION"))));
@@ -290,12 +299,7 @@ fn check_c_output(stdout: &str) {
     for (name, req) in rust_requests() {
         let want = session.run(&req).unwrap();
         let got = &c.results[name];
-        // everything but the timings
-        assert_eq!(got.task, want.result.task, "{name}");
-        assert_eq!(got.text, want.result.text, "{name}");
-        assert_eq!(got.token_ids, want.result.token_ids, "{name}");
-        assert_eq!(got.image, want.result.image, "{name}");
-        assert_eq!(got.masks, want.result.masks, "{name}");
+        assert_same_result(got, &want.result, name);
         assert_eq!(c.texts[name], want.result.text, "{name}");
         let masks = c.masks.get(name).cloned().unwrap_or_default();
         assert_eq!(masks.len(), want.masks.len(), "{name}");
@@ -513,14 +517,28 @@ fn c_program_is_clean_under_valgrind() {
 }
 
 #[test]
-fn header_compiles_as_cpp_and_as_c() {
+fn cpp_program_matches_the_rust_api_and_header_compiles_as_c() {
     let exe = build(
         "c++",
         "tests/c/test_header.cpp",
         &["-std=c++11", "-Wall", "-Wextra", "-Werror", "-pedantic"],
         "test_header",
     );
-    run(Command::new(&exe).env("LD_LIBRARY_PATH", lib_dir()));
+    let out = run(Command::new(&exe)
+        .arg(work_dir().join("model"))
+        .arg(work_dir().join("image.png"))
+        .env("LD_LIBRARY_PATH", lib_dir()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().any(|l| l == "ok"), "{stdout}");
+    let cpp = parse(&stdout);
+    let model = Model::load(work_dir().join("model"), Device::Cpu).unwrap();
+    let mut session = model.session(&image()).unwrap();
+    for (name, req) in rust_requests().into_iter().take(2) {
+        let want = session.run(&req).unwrap();
+        assert_same_result(&cpp.results[name], &want.result, name);
+    }
+    assert!(!cpp.results["panoptic"].masks.is_empty());
+
     // and as C89-ish C with every warning
     let obj = work_dir().join("header_c.o");
     let src = work_dir().join("header_only.c");
