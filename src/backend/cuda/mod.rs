@@ -27,7 +27,7 @@ mod vision;
 
 pub use attention::{block_table_i32, AttnMaskBits, DevicePagedKv, FlashMask, ATTENTION_KERNELS};
 pub use buffer::DeviceBuffer;
-pub use context::{cuda_available, device_count, driver_version, CudaBackend};
 pub use gemm::Epilogue;
+pub use context::{cuda_available, device_count, driver_version, CudaBackend};
 pub use kernels::kernels_compiled;
 pub use vision::{Gelu, MapLayout, RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS, MAX_ROW};
