@@ -200,13 +200,9 @@ impl Plan {
                 .map_err(|x| e("TRANSB", x))?;
             set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)
                 .map_err(|x| e("EPILOGUE", x))?;
-            if let Some(bias) = key.bias {
-                // The heuristic must know a bias is there; the real pointer is set per call.
-                // BIAS_DATA_TYPE is an int32 cudaDataType (we keep it equal to D's type).
-                let bt = cuda_type(bias) as i32;
-                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt)
-                    .map_err(|x| e("BIAS_DATA_TYPE", x))?;
-            }
+            // The bias pointer is set per call. BIAS_DATA_TYPE stays at its default, "same as
+            // D": the caller casts the bias to the output dtype, the combination cuBLASLt
+            // supports for every epilogue with bf16 and f32 outputs.
         }
 
         // Stored (pre-op) shapes in cuBLASLt's column-major view, see the module docs.
