@@ -57,7 +57,14 @@ const CASES: &[Case] = &[
     // Phi-3-mini prefill (1853 tokens: 1024 SAM tokens + 729 SigLIP + ~100 text) and decode.
     case("phi3.qkv prefill", 1853, 3072, 9216, false, Epilogue::None),
     case("phi3.o prefill", 1853, 3072, 3072, false, Epilogue::None),
-    case("phi3.gate_up prefill", 1853, 3072, 16384, false, Epilogue::None),
+    case(
+        "phi3.gate_up prefill",
+        1853,
+        3072,
+        16384,
+        false,
+        Epilogue::None,
+    ),
     case("phi3.down prefill", 1853, 8192, 3072, false, Epilogue::None),
     case("phi3.qkv decode", 1, 3072, 9216, false, Epilogue::None),
     case("phi3.o decode", 1, 3072, 3072, false, Epilogue::None),
@@ -162,10 +169,16 @@ fn run(b: &CudaBackend) -> xsam::Result<()> {
         let bytes = ((c.n * c.k + c.m * c.k + c.m * c.n) * 2) as f64;
         let gbs = bytes / (ms * 1e-3) / 1e9;
         let (rate, ratio) = if c.m == 1 {
-            println!("RATE {} median_ms={ms:.4} gbs={gbs:.1}", c.name.replace(' ', "_"));
+            println!(
+                "RATE {} median_ms={ms:.4} gbs={gbs:.1}",
+                c.name.replace(' ', "_")
+            );
             (format!("{gbs:.0} GB/s"), gbs / bw)
         } else {
-            println!("RATE {} median_ms={ms:.4} tflops={tflops:.1}", c.name.replace(' ', "_"));
+            println!(
+                "RATE {} median_ms={ms:.4} tflops={tflops:.1}",
+                c.name.replace(' ', "_")
+            );
             (format!("{tflops:.1} TFLOP/s"), tflops / peak)
         };
         rows.push((c, ms, rate, ratio));

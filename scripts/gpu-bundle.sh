@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the GPU suite into one folder that runs on a GPU machine without Rust:
 #
-#   scripts/gpu-bundle.sh            -> gpu-bundle/ (git-ignored; BUNDLE=<dir> to change)
+#   scripts/gpu-bundle.sh            -> gpu-bundle/ and gpu-bundle.tar.gz (git-ignored; BUNDLE=<dir>)
 #   gpu-bundle/run.sh                -> runs everything, logs under ${OUT:-./gpu-logs}, table last
 #
 # The bundle holds the GPU test executables (tests/cuda_*.rs), the CUDA bench executables
@@ -93,6 +93,11 @@ while IFS=$'\t' read -r name exe; do cp "$exe" "$BUNDLE/bin/$name"; done < <(exe
 for t in "${TEST_NAMES[@]}"; do [[ -x "$BUNDLE/tests/$t" ]] || { echo "error: test $t was not built" >&2; exit 1; }; done
 for b in "${BENCH_NAMES[@]}"; do [[ -x "$BUNDLE/benches/$b" ]] || { echo "error: bench $b was not built" >&2; exit 1; }; done
 [[ -x "$BUNDLE/bin/xsam" ]] || { echo "error: xsam was not built" >&2; exit 1; }
+# Release builds keep debug info (profile.release debug = 1): drop it from the copies, keeping the
+# symbols for backtraces (about 700 MB -> 115 MB; most of the rest is the fatbin in each file).
+if command -v strip >/dev/null 2>&1; then
+  for f in "$BUNDLE"/tests/* "$BUNDLE"/benches/* "$BUNDLE"/bin/*; do strip --strip-debug "$f"; done
+fi
 
 {
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
@@ -198,4 +203,7 @@ fi
 exit $failed
 RUN
 chmod +x "$BUNDLE/run.sh"
-log "bundle ready: $BUNDLE ($(du -sh "$BUNDLE" | cut -f1)); run $BUNDLE/run.sh on the GPU machine"
+# One archive to move around (about 30 MB): tar -xzf gpu-bundle.tar.gz && gpu-bundle/run.sh
+tar -C "$(dirname "$BUNDLE")" -czf "$BUNDLE.tar.gz" "$(basename "$BUNDLE")"
+log "bundle ready: $BUNDLE ($(du -sh "$BUNDLE" | cut -f1)), archive $BUNDLE.tar.gz ($(du -sh "$BUNDLE.tar.gz" | cut -f1))"
+log "on the GPU machine: tar -xzf $(basename "$BUNDLE").tar.gz && $(basename "$BUNDLE")/run.sh"

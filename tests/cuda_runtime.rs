@@ -37,7 +37,10 @@ fn dev(b: &CudaBackend, vals: &[f32], shape: &[usize], dt: DType) -> Tensor {
 }
 
 fn host_f32(b: &CudaBackend, t: &Tensor) -> Vec<f32> {
-    b.to_host(t).expect("to_host").to_vec_f32().expect("to_vec_f32")
+    b.to_host(t)
+        .expect("to_host")
+        .to_vec_f32()
+        .expect("to_vec_f32")
 }
 
 fn round_bf16(v: &[f32]) -> Vec<f32> {
@@ -86,7 +89,11 @@ impl Worst {
 fn check_gemm(what: &str, p: &Problem, got: &[f32], worst: &mut Worst) {
     let (m, n, k) = (p.m, p.n, p.k);
     assert_eq!(got.len(), p.batch * m * n, "{what}: output length");
-    let out_half_ulp = if p.out == DType::BF16 { 2f64.powi(-9) } else { 2f64.powi(-24) };
+    let out_half_ulp = if p.out == DType::BF16 {
+        2f64.powi(-9)
+    } else {
+        2f64.powi(-24)
+    };
     for bi in 0..p.batch {
         let a = &p.a[bi * m * k..(bi + 1) * m * k];
         let b = &p.b[bi * n * k..(bi + 1) * n * k];
@@ -94,7 +101,11 @@ fn check_gemm(what: &str, p: &Problem, got: &[f32], worst: &mut Worst) {
             for j in 0..n {
                 let (mut dot, mut mag) = (0f64, 0f64);
                 for l in 0..k {
-                    let bv = if p.b_transposed { b[j * k + l] } else { b[l * n + j] };
+                    let bv = if p.b_transposed {
+                        b[j * k + l]
+                    } else {
+                        b[l * n + j]
+                    };
                     let prod = a[i * k + l] as f64 * bv as f64;
                     dot += prod;
                     mag += prod.abs();
@@ -151,8 +162,18 @@ fn run_gemm_case(
     let bias_raw = rng.vec(n, -1.0, 1.0);
     let (a_h, w_h) = (round_bf16(&a_raw), round_bf16(&w_raw));
     let w_shape = if b_transposed { [n, k] } else { [k, n] };
-    let a_d = dev(b, if operands == DType::F32 { &a_raw } else { &a_h }, &[m, k], operands);
-    let w_d = dev(b, if operands == DType::F32 { &w_raw } else { &w_h }, &w_shape, operands);
+    let a_d = dev(
+        b,
+        if operands == DType::F32 { &a_raw } else { &a_h },
+        &[m, k],
+        operands,
+    );
+    let w_d = dev(
+        b,
+        if operands == DType::F32 { &w_raw } else { &w_h },
+        &w_shape,
+        operands,
+    );
     // The bias is given in bf16; cuBLASLt adds it in the output dtype.
     let bias_h = round_bf16(&bias_raw);
     let bias_d = with_bias.then(|| dev(b, &bias_h, &[n], DType::BF16));
@@ -211,16 +232,42 @@ fn gemm_matches_cpu_over_shapes() {
             for out in [DType::BF16, DType::F32] {
                 let epi = EPILOGUES[case % EPILOGUES.len()];
                 case += 1;
-                let worst = if out == DType::BF16 { &mut w_bf16 } else { &mut w_f32 };
-                run_gemm_case(&b, &mut rng, shape, b_transposed, epi, out, DType::BF16, worst);
+                let worst = if out == DType::BF16 {
+                    &mut w_bf16
+                } else {
+                    &mut w_f32
+                };
+                run_gemm_case(
+                    &b,
+                    &mut rng,
+                    shape,
+                    b_transposed,
+                    epi,
+                    out,
+                    DType::BF16,
+                    worst,
+                );
             }
         }
     }
     // Every epilogue with every output dtype at one ragged shape.
     for (i, &epi) in EPILOGUES.iter().enumerate() {
         for out in [DType::BF16, DType::F32] {
-            let worst = if out == DType::BF16 { &mut w_bf16 } else { &mut w_f32 };
-            run_gemm_case(&b, &mut rng, (33, 65, 129), i % 2 == 0, epi, out, DType::BF16, worst);
+            let worst = if out == DType::BF16 {
+                &mut w_bf16
+            } else {
+                &mut w_f32
+            };
+            run_gemm_case(
+                &b,
+                &mut rng,
+                (33, 65, 129),
+                i % 2 == 0,
+                epi,
+                out,
+                DType::BF16,
+                worst,
+            );
         }
     }
     w_bf16.print("gemm_bf16_out");
@@ -296,8 +343,12 @@ fn gemm_batched_matches_cpu() {
     };
     let mut rng = Rng(4);
     let mut worst = Worst::default();
-    for (batch, m, n, k) in [(16, 129, 64, 72), (5, 7, 1, 129), (3, 1, 1000, 64), (1, 64, 65, 66)]
-    {
+    for (batch, m, n, k) in [
+        (16, 129, 64, 72),
+        (5, 7, 1, 129),
+        (3, 1, 1000, 64),
+        (1, 64, 65, 66),
+    ] {
         for bt in [true, false] {
             for out in [DType::BF16, DType::F32] {
                 let a = rng.bf16_vec(batch * m * k, -1.0, 1.0);
@@ -365,10 +416,24 @@ fn gemm_rejects_bad_inputs_with_errors() {
     let w = dev(&b, &[1.0; 20], &[5, 4], DType::BF16);
     let shape_err = |r: xsam::Result<Tensor>| matches!(r, Err(Error::Shape { .. }));
     // Inner dims differ (w is [5, 4]: as [k, n] its k is 5).
-    assert!(shape_err(b.gemm(&a, &w, false, None, Epilogue::None, DType::F32)));
+    assert!(shape_err(b.gemm(
+        &a,
+        &w,
+        false,
+        None,
+        Epilogue::None,
+        DType::F32
+    )));
     // Bias of the wrong length.
     let bias = dev(&b, &[0.0; 4], &[4], DType::F32);
-    assert!(shape_err(b.gemm(&a, &w, true, Some(&bias), Epilogue::None, DType::F32)));
+    assert!(shape_err(b.gemm(
+        &a,
+        &w,
+        true,
+        Some(&bias),
+        Epilogue::None,
+        DType::F32
+    )));
     // f16 output is not offered.
     assert!(matches!(
         b.gemm(&a, &w, true, None, Epilogue::None, DType::F16),
@@ -376,13 +441,17 @@ fn gemm_rejects_bad_inputs_with_errors() {
     ));
     // Host operand.
     let host = Tensor::from_vec(vec![1.0f32; 12], vec![3, 4]).expect("host");
-    assert!(b.gemm(&host, &w, true, None, Epilogue::None, DType::F32).is_err());
+    assert!(b
+        .gemm(&host, &w, true, None, Epilogue::None, DType::F32)
+        .is_err());
     // Batched: batch counts differ.
     let a3 = dev(&b, &[1.0; 24], &[2, 3, 4], DType::BF16);
     let w3 = dev(&b, &[1.0; 60], &[3, 5, 4], DType::BF16);
     assert!(shape_err(b.gemm_batched(&a3, &w3, true, DType::F32)));
     // The backend still works after the errors.
-    let y = b.gemm(&a, &w, true, None, Epilogue::None, DType::F32).expect("valid gemm");
+    let y = b
+        .gemm(&a, &w, true, None, Epilogue::None, DType::F32)
+        .expect("valid gemm");
     assert_eq!(host_f32(&b, &y), vec![4.0; 15]);
 }
 
@@ -392,16 +461,37 @@ fn gemm_plans_are_cached_per_shape() {
         return;
     };
     let mut rng = Rng(5);
-    let a = dev(&b, &rng.bf16_vec(64 * 128, -1.0, 1.0), &[64, 128], DType::BF16);
-    let w = dev(&b, &rng.bf16_vec(256 * 128, -1.0, 1.0), &[256, 128], DType::BF16);
-    b.gemm(&a, &w, true, None, Epilogue::None, DType::BF16).expect("gemm");
+    let a = dev(
+        &b,
+        &rng.bf16_vec(64 * 128, -1.0, 1.0),
+        &[64, 128],
+        DType::BF16,
+    );
+    let w = dev(
+        &b,
+        &rng.bf16_vec(256 * 128, -1.0, 1.0),
+        &[256, 128],
+        DType::BF16,
+    );
+    b.gemm(&a, &w, true, None, Epilogue::None, DType::BF16)
+        .expect("gemm");
     let after_one = b.gemm_plan_count();
     for _ in 0..10 {
-        b.gemm(&a, &w, true, None, Epilogue::None, DType::BF16).expect("gemm");
+        b.gemm(&a, &w, true, None, Epilogue::None, DType::BF16)
+            .expect("gemm");
     }
-    assert_eq!(b.gemm_plan_count(), after_one, "a repeated shape must reuse its plan");
-    b.gemm(&a, &w, true, None, Epilogue::Relu, DType::BF16).expect("gemm");
-    assert_eq!(b.gemm_plan_count(), after_one + 1, "a new epilogue is a new plan");
+    assert_eq!(
+        b.gemm_plan_count(),
+        after_one,
+        "a repeated shape must reuse its plan"
+    );
+    b.gemm(&a, &w, true, None, Epilogue::Relu, DType::BF16)
+        .expect("gemm");
+    assert_eq!(
+        b.gemm_plan_count(),
+        after_one + 1,
+        "a new epilogue is a new plan"
+    );
 }
 
 /// A fixed chain of launchers: a "forward pass" of two linear layers with fused epilogues, an
@@ -410,7 +500,9 @@ fn forward(b: &CudaBackend, x: &Tensor, w1: &Tensor, b1: &Tensor, w2: &Tensor) -
     let h = b
         .gemm(x, w1, true, Some(b1), Epilogue::GeluTanh, DType::BF16)
         .expect("gemm 1");
-    let y = b.gemm(&h, w2, true, None, Epilogue::None, DType::F32).expect("gemm 2");
+    let y = b
+        .gemm(&h, w2, true, None, Epilogue::None, DType::F32)
+        .expect("gemm 2");
     let g = b.gelu_erf(&y).expect("gelu");
     let s = b.add(&g, &y).expect("add");
     let s3 = s.reshape(vec![4, 16, 64]).expect("reshape");
@@ -446,7 +538,10 @@ fn pool_is_reused_over_1000_forward_passes() {
         at1000.reserved, at10.reserved,
         "the pool grew between pass 10 and pass 1000: freed memory is not being reused"
     );
-    assert_eq!(at1000.used, at10.used, "live pool memory changed: something leaks");
+    assert_eq!(
+        at1000.used, at10.used,
+        "live pool memory changed: something leaks"
+    );
 }
 
 #[test]
@@ -472,7 +567,10 @@ fn captured_graph_replays_like_eager() {
     println!("captured {graph:?}");
     // Capturing queues nothing: the output is still poisoned (NaN).
     b.synchronize().expect("sync");
-    assert!(host_f32(&b, &out).iter().all(|v| v.is_nan()), "capture ran the work eagerly");
+    assert!(
+        host_f32(&b, &out).iter().all(|v| v.is_nan()),
+        "capture ran the work eagerly"
+    );
 
     graph.replay().expect("replay");
     let first = host_f32(&b, &out);
@@ -488,13 +586,19 @@ fn captured_graph_replays_like_eager() {
     b.synchronize().expect("sync");
     let stats100 = b.pool_stats().expect("pool_stats");
     println!("POOL after 1 replay: {stats1:?}\nPOOL after 101 replays: {stats100:?}");
-    assert_eq!(stats100.reserved, stats1.reserved, "default pool grew over replays");
+    assert_eq!(
+        stats100.reserved, stats1.reserved,
+        "default pool grew over replays"
+    );
     assert_eq!(
         stats100.graph_reserved, stats1.graph_reserved,
         "graph memory grew over replays"
     );
     let last = host_f32(&b, &out);
-    assert!(first.iter().zip(&last).all(|(a, c)| a.to_bits() == c.to_bits()));
+    assert!(first
+        .iter()
+        .zip(&last)
+        .all(|(a, c)| a.to_bits() == c.to_bits()));
     println!("PARITY graph_replay max_abs=0 max_rel=0 (bit-identical to eager)");
 }
 
@@ -523,12 +627,16 @@ fn captured_graph_update_takes_new_arguments() {
     assert_ne!(want1, want2);
 
     let out = b.alloc_tensor(vec![8, 32], DType::F32).expect("alloc");
-    let (mut graph, ()) = b.capture(|| step(&b, &x1, &w, eps1, &out)).expect("capture");
+    let (mut graph, ()) = b
+        .capture(|| step(&b, &x1, &w, eps1, &out))
+        .expect("capture");
     graph.replay().expect("replay");
     assert_eq!(host_f32(&b, &out), want1);
 
     // Through update() with a separately captured graph...
-    let (newer, ()) = b.capture(|| step(&b, &x2, &w, eps2, &out)).expect("capture 2");
+    let (newer, ()) = b
+        .capture(|| step(&b, &x2, &w, eps2, &out))
+        .expect("capture 2");
     let how = graph.update(newer).expect("update");
     println!("update(): {how:?}");
     graph.replay().expect("replay");
@@ -539,7 +647,10 @@ fn captured_graph_update_takes_new_arguments() {
         .recapture(&mut graph, || step(&b, &x1, &w, eps1, &out))
         .expect("recapture");
     println!("recapture(): {how:?}");
-    assert!(matches!(how, GraphUpdate::Updated | GraphUpdate::Reinstantiated));
+    assert!(matches!(
+        how,
+        GraphUpdate::Updated | GraphUpdate::Reinstantiated
+    ));
     graph.replay().expect("replay");
     assert_eq!(host_f32(&b, &out), want1, "after recapture ({how:?})");
 }
@@ -559,7 +670,10 @@ fn failed_capture_ends_cleanly() {
     // Waiting for the GPU inside a capture is refused by the driver: an error, not a hang.
     let r = b.capture(|| b.to_host(&x).map(|_| ()));
     assert!(r.is_err(), "to_host inside a capture must fail");
-    println!("to_host inside a capture: {}", r.err().map(|e| e.to_string()).unwrap_or_default());
+    println!(
+        "to_host inside a capture: {}",
+        r.err().map(|e| e.to_string()).unwrap_or_default()
+    );
     // The stream is out of capture mode and usable.
     let y = b.gelu_erf(&x).expect("eager after failed captures");
     let got = host_f32(&b, &y);
@@ -588,9 +702,15 @@ fn upload_bf16_converts_in_chunks() {
     let v = rng.vec(n, -3.0, 3.0);
     let host = Tensor::from_vec(v.clone(), vec![n]).expect("host");
     let mut calls = Vec::new();
-    let d = b.upload_bf16(&host, &mut |done| calls.push(done)).expect("upload");
+    let d = b
+        .upload_bf16(&host, &mut |done| calls.push(done))
+        .expect("upload");
     assert_eq!(d.dtype(), DType::BF16);
-    assert_eq!(calls, vec![(n - 3) * 4, n * 4], "progress after each chunk, in source bytes");
+    assert_eq!(
+        calls,
+        vec![(n - 3) * 4, n * 4],
+        "progress after each chunk, in source bytes"
+    );
     let got = b.to_host(&d).expect("to_host");
     let got = got.as_slice::<bf16>().expect("bf16");
     assert!(got

@@ -183,10 +183,7 @@ impl CudaBackend {
             )
         }
         .map_err(|e| driver_err("cuStreamBeginCapture", e))?;
-        let mut guard = CaptureGuard {
-            stream,
-            open: true,
-        };
+        let mut guard = CaptureGuard { stream, open: true };
         let result = f();
         let ended = guard.end();
         // Errors recorded during the capture (a free of pre-capture memory, for one).
@@ -239,10 +236,9 @@ impl CapturedGraph {
     fn instantiate(&mut self) -> Result<()> {
         if self.exec.is_null() {
             // SAFETY: a valid captured graph; flags 0 (see the module docs).
-            self.exec = unsafe {
-                cu::graph::instantiate(self.graph, sys::CUgraphInstantiate_flags(0))
-            }
-            .map_err(|e| driver_err("cuGraphInstantiate", e))?;
+            self.exec =
+                unsafe { cu::graph::instantiate(self.graph, sys::CUgraphInstantiate_flags(0)) }
+                    .map_err(|e| driver_err("cuGraphInstantiate", e))?;
         }
         Ok(())
     }

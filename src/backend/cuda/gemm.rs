@@ -169,11 +169,12 @@ impl Drop for Pref {
 
 impl Plan {
     /// Builds the descriptors for `key` and asks the heuristic for its best algorithm (once per
-    /// key; the answer is cached by the caller).
-    fn new(handle: ltsys::cublasLtHandle_t, key: &GemmKey) -> Result<Plan> {
+    /// key; the answer is cached by the caller). `bias` is this call's bias address (set before
+    /// the query so the descriptor is complete; later calls set their own).
+    fn new(handle: ltsys::cublasLtHandle_t, key: &GemmKey, bias: Option<u64>) -> Result<Plan> {
         use ltsys::cublasLtMatmulDescAttributes_t as D;
-        use ltsys::cublasLtMatrixLayoutAttribute_t as L;
         use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
+        use ltsys::cublasLtMatrixLayoutAttribute_t as L;
         let e = |what: &str, err| lt_err(what, key, err);
         let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
         let mut plan = Plan {
@@ -200,9 +201,13 @@ impl Plan {
                 .map_err(|x| e("TRANSB", x))?;
             set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)
                 .map_err(|x| e("EPILOGUE", x))?;
-            // The bias pointer is set per call. BIAS_DATA_TYPE stays at its default, "same as
-            // D": the caller casts the bias to the output dtype, the combination cuBLASLt
-            // supports for every epilogue with bf16 and f32 outputs.
+            // BIAS_DATA_TYPE stays at its default, "same as D": the caller casts the bias to
+            // the output dtype, the combination cuBLASLt supports for every epilogue with bf16
+            // and f32 outputs. BIAS_POINTER is a `void*`.
+            if let Some(p) = bias {
+                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)
+                    .map_err(|x| e("BIAS_POINTER", x))?;
+            }
         }
 
         // Stored (pre-op) shapes in cuBLASLt's column-major view, see the module docs.
@@ -222,15 +227,23 @@ impl Plan {
             let count = i32::try_from(key.batch)
                 .map_err(|_| Error::shape("gemm_batched", "batch exceeds i32"))?;
             // BATCH_COUNT is int32, STRIDED_BATCH_OFFSET int64 in elements; dense batches.
-            let strides = [(plan.layout_a, n * k), (plan.layout_b, m * k), (plan.layout_d, m * n)];
+            let strides = [
+                (plan.layout_a, n * k),
+                (plan.layout_b, m * k),
+                (plan.layout_d, m * n),
+            ];
             for (layout, stride) in strides {
                 let stride = stride as i64;
                 // SAFETY: live layouts, attribute types as above.
                 unsafe {
                     set_layout(layout, L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count)
                         .map_err(|x| e("BATCH_COUNT", x))?;
-                    set_layout(layout, L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride)
-                        .map_err(|x| e("STRIDED_BATCH_OFFSET", x))?;
+                    set_layout(
+                        layout,
+                        L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        &stride,
+                    )
+                    .map_err(|x| e("STRIDED_BATCH_OFFSET", x))?;
                 }
             }
         }
@@ -242,14 +255,30 @@ impl Plan {
         unsafe {
             set_pref(pref.0, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws)
                 .map_err(|x| e("MAX_WORKSPACE_BYTES", x))?;
-            set_pref(pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_b)
-                .map_err(|x| e("MIN_ALIGNMENT_A", x))?;
-            set_pref(pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_a)
-                .map_err(|x| e("MIN_ALIGNMENT_B", x))?;
-            set_pref(pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_d)
-                .map_err(|x| e("MIN_ALIGNMENT_C", x))?;
-            set_pref(pref.0, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_d)
-                .map_err(|x| e("MIN_ALIGNMENT_D", x))?;
+            set_pref(
+                pref.0,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                &key.align_b,
+            )
+            .map_err(|x| e("MIN_ALIGNMENT_A", x))?;
+            set_pref(
+                pref.0,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                &key.align_a,
+            )
+            .map_err(|x| e("MIN_ALIGNMENT_B", x))?;
+            set_pref(
+                pref.0,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                &key.align_d,
+            )
+            .map_err(|x| e("MIN_ALIGNMENT_C", x))?;
+            set_pref(
+                pref.0,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                &key.align_d,
+            )
+            .map_err(|x| e("MIN_ALIGNMENT_D", x))?;
         }
         // SAFETY: all descriptors are live; C and D share a layout (beta = 0, C is D).
         let heuristic = unsafe {
@@ -368,9 +397,16 @@ impl CudaBackend {
         let m = ad[..ad.len() - 1].iter().product::<usize>();
         let bd = b.dims();
         if bd.len() != 2 {
-            return Err(Error::shape(OP, format!("b must be 2-D, got {}", b.shape())));
+            return Err(Error::shape(
+                OP,
+                format!("b must be 2-D, got {}", b.shape()),
+            ));
         }
-        let (bk, n) = if b_transposed { (bd[1], bd[0]) } else { (bd[0], bd[1]) };
+        let (bk, n) = if b_transposed {
+            (bd[1], bd[0])
+        } else {
+            (bd[0], bd[1])
+        };
         if bk != k {
             return Err(Error::shape(
                 OP,
@@ -384,7 +420,17 @@ impl CudaBackend {
         }
         let mut out_dims = ad[..ad.len() - 1].to_vec();
         out_dims.push(n);
-        self.gemm_checked(OP, a, b, b_transposed, bias, epilogue, out, (1, m, n, k), out_dims)
+        self.gemm_checked(
+            OP,
+            a,
+            b,
+            b_transposed,
+            bias,
+            epilogue,
+            out,
+            (1, m, n, k),
+            out_dims,
+        )
     }
 
     /// Strided-batched `y[i] = a[i] · b[i]` for `a [B, m, k]` and `b [B, k, n]` (or `[B, n, k]`
@@ -405,7 +451,11 @@ impl CudaBackend {
             ));
         }
         let (batch, m, k) = (ad[0], ad[1], ad[2]);
-        let (bk, n) = if b_transposed { (bd[2], bd[1]) } else { (bd[1], bd[2]) };
+        let (bk, n) = if b_transposed {
+            (bd[2], bd[1])
+        } else {
+            (bd[1], bd[2])
+        };
         if bd[0] != batch || bk != k {
             return Err(Error::shape(
                 OP,
@@ -564,9 +614,11 @@ impl CudaBackend {
         };
         let pbias = bias.map(|t| self.gemm_addr(op, t, n)).transpose()?;
         let pd = {
-            let view = y.view::<u8>(0, batch * m * n * out.size_in_bytes()).ok_or_else(|| {
-                backend_err(format!("{op}: output buffer is smaller than the product"))
-            })?;
+            let view = y
+                .view::<u8>(0, batch * m * n * out.size_in_bytes())
+                .ok_or_else(|| {
+                    backend_err(format!("{op}: output buffer is smaller than the product"))
+                })?;
             let (p, _sync) = view.device_ptr(stream);
             p
         };
@@ -595,7 +647,7 @@ impl CudaBackend {
             let mut st = cell.lock().unwrap_or_else(|p| p.into_inner());
             let st = &mut *st;
             if !st.plans.contains_key(&key) {
-                let plan = Plan::new(st.handle, &key)?;
+                let plan = Plan::new(st.handle, &key, pbias)?;
                 st.plans.insert(key, plan);
             }
             let plan = st
@@ -649,11 +701,14 @@ impl CudaBackend {
         let buf = gemm_buffer(op, t)?;
         let es = t.dtype().size_in_bytes();
         if t.numel() < len {
-            return Err(Error::shape(op, format!("{t:?} holds fewer than {len} elements")));
+            return Err(Error::shape(
+                op,
+                format!("{t:?} holds fewer than {len} elements"),
+            ));
         }
-        let view = buf.view::<u8>(t.offset() * es, len * es).ok_or_else(|| {
-            backend_err(format!("{op}: tensor {t:?} exceeds its device buffer"))
-        })?;
+        let view = buf
+            .view::<u8>(t.offset() * es, len * es)
+            .ok_or_else(|| backend_err(format!("{op}: tensor {t:?} exceeds its device buffer")))?;
         let (p, _sync) = view.device_ptr(self.stream());
         Ok(p)
     }
@@ -705,28 +760,61 @@ mod tests {
             GemmKey { n: 3073, ..base },
             GemmKey { k: 1023, ..base },
             GemmKey { batch: 2, ..base },
-            GemmKey { b_transposed: false, ..base },
-            GemmKey { out: DType::F32, ..base },
-            GemmKey { epilogue: Epilogue::GeluTanh, ..base },
-            GemmKey { epilogue: Epilogue::Relu, ..base },
-            GemmKey { bias: Some(DType::BF16), ..base },
-            GemmKey { bias: Some(DType::F32), ..base },
+            GemmKey {
+                b_transposed: false,
+                ..base
+            },
+            GemmKey {
+                out: DType::F32,
+                ..base
+            },
+            GemmKey {
+                epilogue: Epilogue::GeluTanh,
+                ..base
+            },
+            GemmKey {
+                epilogue: Epilogue::Relu,
+                ..base
+            },
+            GemmKey {
+                bias: Some(DType::BF16),
+                ..base
+            },
+            GemmKey {
+                bias: Some(DType::F32),
+                ..base
+            },
             GemmKey { align_a: 2, ..base },
             GemmKey { align_b: 2, ..base },
-            GemmKey { align_d: 16, ..base },
+            GemmKey {
+                align_d: 16,
+                ..base
+            },
         ];
         let set: HashSet<GemmKey> = variants.iter().copied().collect();
         assert_eq!(set.len(), variants.len());
-        assert!(set.contains(&GemmKey { ..base }));
+        assert!(set.contains(&base));
     }
 
     #[test]
     fn epilogues_map_to_cublaslt_with_and_without_bias() {
         use ltsys::cublasLtEpilogue_t as E;
-        assert_eq!(lt_epilogue(Epilogue::None, false), E::CUBLASLT_EPILOGUE_DEFAULT);
+        assert_eq!(
+            lt_epilogue(Epilogue::None, false),
+            E::CUBLASLT_EPILOGUE_DEFAULT
+        );
         assert_eq!(lt_epilogue(Epilogue::None, true), E::CUBLASLT_EPILOGUE_BIAS);
-        assert_eq!(lt_epilogue(Epilogue::GeluTanh, true), E::CUBLASLT_EPILOGUE_GELU_BIAS);
-        assert_eq!(lt_epilogue(Epilogue::Relu, false), E::CUBLASLT_EPILOGUE_RELU);
-        assert_eq!(lt_epilogue(Epilogue::Relu, true), E::CUBLASLT_EPILOGUE_RELU_BIAS);
+        assert_eq!(
+            lt_epilogue(Epilogue::GeluTanh, true),
+            E::CUBLASLT_EPILOGUE_GELU_BIAS
+        );
+        assert_eq!(
+            lt_epilogue(Epilogue::Relu, false),
+            E::CUBLASLT_EPILOGUE_RELU
+        );
+        assert_eq!(
+            lt_epilogue(Epilogue::Relu, true),
+            E::CUBLASLT_EPILOGUE_RELU_BIAS
+        );
     }
 }

@@ -86,9 +86,10 @@ fn convert_to_bf16(bytes: &[u8], dtype: DType, start: usize, end: usize, out: &m
             src.chunks_exact(2)
                 .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))),
         ),
-        DType::F16 => out.extend(src.chunks_exact(2).map(|c| {
-            bf16::from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-        })),
+        DType::F16 => out
+            .extend(src.chunks_exact(2).map(|c| {
+                bf16::from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            })),
         DType::F32 => out.extend(
             src.chunks_exact(4)
                 .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
@@ -198,10 +199,8 @@ impl CudaBackend {
             // A copy from pageable memory returns once the driver has staged the source, so the
             // staging vector can be refilled right after (the DMA overlaps the next conversion).
             // SAFETY: [s, e) elements of bf16 at `base` lie inside the n*2-byte allocation.
-            unsafe {
-                cu::memcpy_htod_async(base + (s * 2) as u64, &staging, stream.cu_stream())
-            }
-            .map_err(|err| driver_err(&format!("{OP}: copying {} bytes", (e - s) * 2), err))?;
+            unsafe { cu::memcpy_htod_async(base + (s * 2) as u64, &staging, stream.cu_stream()) }
+                .map_err(|err| driver_err(&format!("{OP}: copying {} bytes", (e - s) * 2), err))?;
             progress(e * es);
         }
         if n == 0 {
@@ -266,7 +265,11 @@ mod tests {
 
     #[test]
     fn budget_names_every_part_and_the_card() {
-        let parts = [("weights", 7usize << 30), ("arena", 512 << 20), ("kv pool", 1 << 30)];
+        let parts = [
+            ("weights", 7usize << 30),
+            ("arena", 512 << 20),
+            ("kv pool", 1 << 30),
+        ];
         assert!(budget_check(&parts, 9 << 30, 80 << 30).is_ok());
         let err = budget_check(&parts, 8 << 30, 24 << 30).unwrap_err();
         assert!(matches!(err, Error::OutOfMemory(_)));
@@ -290,7 +293,14 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_range_once() {
-        for (n, c) in [(0, 4), (1, 4), (4, 4), (5, 4), (1000, 7), (33_554_433, 33_554_432)] {
+        for (n, c) in [
+            (0, 4),
+            (1, 4),
+            (4, 4),
+            (5, 4),
+            (1000, 7),
+            (33_554_433, 33_554_432),
+        ] {
             let r: Vec<_> = chunk_ranges(n, c).collect();
             assert_eq!(r.len(), n.div_ceil(c));
             let mut next = 0;
@@ -305,7 +315,7 @@ mod tests {
 
     #[test]
     fn host_conversion_rounds_like_half() {
-        let vals = [1.0f32, -2.5, 3.141_592_7, 1e-3, 65504.0, -0.0];
+        let vals = [1.0f32, -2.5, 1.234_567_9, 1e-3, 65504.0, -0.0];
         let mut out = Vec::new();
         let f32_bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         convert_to_bf16(&f32_bytes, DType::F32, 1, 5, &mut out);
