@@ -135,6 +135,8 @@ pub struct CudaBackend {
     /// Fill every new allocation with 0xFF bytes (NaN in f32, bf16 and f16) so that elements a
     /// kernel fails to write show up as NaN. For tests; off by default.
     poison: std::sync::atomic::AtomicBool,
+    /// cuBLASLt handle, workspace and plan cache, created by the first GEMM (gemm.rs).
+    lt: super::gemm::LtCell,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -180,6 +182,11 @@ impl CudaBackend {
         let fatbin = kernels::FATBIN.ok_or_else(|| backend_err(NO_KERNELS))?;
 
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating the context", e))?;
+        // All work goes on one stream, so cudarc's per-allocation events (cross-stream ordering)
+        // are pure cost, and during a CUDA graph capture a wait on an event recorded before the
+        // capture would break it. Must happen before the first allocation of this context.
+        // SAFETY: the backend uses exactly one stream (below) for every allocation and launch.
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(|e| driver_err("cuDeviceGetName", e))?;
         let compute_capability = ctx
             .compute_capability()
@@ -222,7 +229,8 @@ impl CudaBackend {
             functions.insert(k, f);
         }
 
-        Ok(CudaBackend {
+        let has_pool = ctx.has_async_alloc();
+        let backend = CudaBackend {
             ordinal,
             name,
             compute_capability,
@@ -232,7 +240,20 @@ impl CudaBackend {
             module,
             functions,
             poison: std::sync::atomic::AtomicBool::new(false),
-        })
+            lt: super::gemm::LtCell::new(),
+        };
+        // Freed memory stays in the device's stream-ordered pool instead of going back to the
+        // driver at each synchronisation, so a repeated forward pass allocates from the pool
+        // only (no cudaMalloc in the steady state). Devices without memory pools (no async
+        // allocation) use plain cuMemAlloc instead.
+        if has_pool {
+            backend.set_pool_release_threshold(u64::MAX)?;
+        }
+        Ok(backend)
+    }
+
+    pub(crate) fn lt_cell(&self) -> &super::gemm::LtCell {
+        &self.lt
     }
 
     pub fn ordinal(&self) -> usize {

@@ -9,6 +9,8 @@
 //! - `context`: driver detection (never panics), `CudaBackend` (context, stream, kernel module).
 //! - `buffer`: `DeviceBuffer`, the device storage of a `Tensor`.
 //! - `gemm`: cuBLASLt GEMMs (bf16 in, f32 accumulate, bias/GELU epilogues, descriptor cache).
+//! - `memory`: pool statistics, the memory budget check, weight upload in bf16, `copy_into`.
+//! - `capture`: CUDA graph capture, replay and in-place update.
 //! - `attention`: flash attention (dense, SAM windowed/global with relative positions, paged
 //!   prefill), Mask2Former masked attention, the device paged KV pool and decode attention.
 //! - `ops`: host <-> device copies and element-wise launchers (`cast`, `add`, `gelu_erf`).
@@ -19,15 +21,19 @@
 
 mod attention;
 mod buffer;
+mod capture;
 mod context;
 mod gemm;
 pub mod kernels;
+mod memory;
 mod ops;
 mod vision;
 
 pub use attention::{block_table_i32, AttnMaskBits, DevicePagedKv, FlashMask, ATTENTION_KERNELS};
 pub use buffer::DeviceBuffer;
-pub use gemm::Epilogue;
+pub use capture::{CapturedGraph, GraphUpdate};
 pub use context::{cuda_available, device_count, driver_version, CudaBackend};
+pub use gemm::{Epilogue, WORKSPACE_BYTES};
 pub use kernels::kernels_compiled;
+pub use memory::{budget_check, human_bytes, PoolStats, UPLOAD_CHUNK_BYTES};
 pub use vision::{Gelu, MapLayout, RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS, MAX_ROW};
