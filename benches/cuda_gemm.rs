@@ -7,30 +7,15 @@
 //! per launch (no host launch gaps); the median of `ROUNDS` batches is reported.
 //!
 //! Without a GPU (or without compiled kernels) it prints one SKIP line and exits successfully.
-//! Machine-readable lines for scripts/gpu-bundle.sh: `RATE <name> median_ms=<t> tflops=<f>` (or
-//! `gbs=<g>`) and `CEILING gemm_bf16 tflops=<f>` / `CEILING copy gbs=<g>`.
+//! Machine-readable lines for scripts/gpu-bundle.sh (`RATE`, `CEILING`): see benches/gpu_common.
 //! `XSAM_BENCH_ROUNDS=<n>` changes the number of timed batches (default 15).
 
-use half::bf16;
-use std::time::Duration;
+#[path = "gpu_common/mod.rs"]
+mod gpu_common;
+
+use gpu_common::{print_rate, rand_bf16, time_median, Rate};
 use xsam::backend::cuda::{CudaBackend, Epilogue};
-use xsam::{DType, Tensor};
-
-const REPS: usize = 20;
-
-fn rand_bf16(b: &CudaBackend, shape: &[usize], seed: u64) -> xsam::Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut s = seed;
-    let v: Vec<bf16> = (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 0.2 - 0.1)
-        })
-        .collect();
-    b.to_device(&Tensor::from_vec(v, shape.to_vec())?)
-}
+use xsam::DType;
 
 /// One linear layer `x [m, k] · w [n, k]ᵀ (+ bias) (epilogue)` as the model runs it.
 struct Case {
@@ -85,34 +70,6 @@ const CASES: &[Case] = &[
     case("visual_projector.1", 729, 1152, 3072, true, Epilogue::None),
 ];
 
-/// Median GPU milliseconds of one call of `f` (see the module docs for the method).
-fn time_median(b: &CudaBackend, rounds: usize, f: &dyn Fn() -> xsam::Result<()>) -> f64 {
-    let run = || -> xsam::Result<f64> {
-        f()?; // warm-up (plan creation, pool growth)
-        b.synchronize()?;
-        let mut t = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            b.spin(Duration::from_millis(2))?;
-            let ms = b.time_queued(|| {
-                for _ in 0..REPS {
-                    f()?;
-                }
-                Ok(())
-            })?;
-            t.push(ms as f64 / REPS as f64);
-        }
-        t.sort_by(f64::total_cmp);
-        Ok(t[t.len() / 2])
-    };
-    match run() {
-        Ok(ms) => ms,
-        Err(e) => {
-            println!("error while timing: {e}");
-            f64::NAN
-        }
-    }
-}
-
 fn main() {
     let b = match CudaBackend::new(0) {
         Ok(b) => b,
@@ -130,25 +87,11 @@ fn main() {
 
 fn run(b: &CudaBackend) -> xsam::Result<()> {
     println!("cuda_gemm bench on {b:?}");
-    let rounds = std::env::var("XSAM_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(15);
+    let rounds = gpu_common::rounds(15);
 
     // Ceilings.
-    let bw = b.copy_bandwidth_gbs(1 << 30, 10)?;
-    println!("CEILING copy gbs={bw:.1}");
-    let sq = 8192;
-    let xa = rand_bf16(b, &[sq, sq], 1)?;
-    let xb = rand_bf16(b, &[sq, sq], 2)?;
-    let ms = time_median(b, rounds.min(5), &|| {
-        b.gemm(&xa, &xb, true, None, Epilogue::None, DType::BF16)
-            .map(drop)
-    });
-    let peak = 2.0 * (sq as f64).powi(3) / (ms * 1e-3) / 1e12;
-    println!("CEILING gemm_bf16 tflops={peak:.1} (8192^3 bf16, {ms:.3} ms)");
-    drop((xa, xb));
+    let bw = gpu_common::copy_ceiling_gbs(b)?;
+    let peak = gpu_common::gemm_ceiling_tflops(b, rounds)?;
 
     let mut rows = Vec::new();
     for (i, c) in CASES.iter().enumerate() {
@@ -162,25 +105,16 @@ fn run(b: &CudaBackend) -> xsam::Result<()> {
         let ms = time_median(b, rounds, &|| {
             b.gemm(&x, &w, true, bias.as_ref(), c.epilogue, DType::BF16)
                 .map(drop)
-        });
-        let flops = 2.0 * (c.m * c.n * c.k) as f64;
-        let tflops = flops / (ms * 1e-3) / 1e12;
+        })?;
         // Decode (m = 1) reads the whole weight once per product: report bandwidth.
-        let bytes = ((c.n * c.k + c.m * c.k + c.m * c.n) * 2) as f64;
-        let gbs = bytes / (ms * 1e-3) / 1e9;
-        let (rate, ratio) = if c.m == 1 {
-            println!(
-                "RATE {} median_ms={ms:.4} gbs={gbs:.1}",
-                c.name.replace(' ', "_")
-            );
-            (format!("{gbs:.0} GB/s"), gbs / bw)
+        let rate = if c.m == 1 {
+            Rate::bytes(((c.n * c.k + c.m * c.k + c.m * c.n) * 2) as f64, ms)
         } else {
-            println!(
-                "RATE {} median_ms={ms:.4} tflops={tflops:.1}",
-                c.name.replace(' ', "_")
-            );
-            (format!("{tflops:.1} TFLOP/s"), tflops / peak)
+            Rate::flops(2.0 * (c.m * c.n * c.k) as f64, ms)
         };
+        print_rate(&c.name.replace(' ', "_"), ms, rate, None);
+        let ratio = rate.ratio(Some(peak), Some(bw)).unwrap_or(f64::NAN);
+        let rate = rate.show();
         rows.push((c, ms, rate, ratio));
     }
 

@@ -61,9 +61,11 @@ fn host_f32(b: &CudaBackend, t: &Tensor) -> Vec<f32> {
 }
 
 /// |got - want| <= atol + rtol * |want| everywhere; NaN or inf in `got` fails (never passes).
-fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) {
+/// Returns the worst errors, for the PARITY line.
+fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) -> gpu::Parity {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst = (0usize, 0.0f64);
+    let mut par = gpu::Parity::default();
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w as f64).abs();
         let tol = atol + rtol * (w as f64).abs();
@@ -72,11 +74,13 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) {
             "{what}: element {i}: got {g}, want {w} (|err| {err:e} > tol {tol:e}); NaN means the \
              kernel did not write it"
         );
+        par.add(g as f64, w as f64);
         if err / tol > worst.1 {
             worst = (i, err / tol);
         }
     }
     println!("  {what}: max |err|/tol = {:.3} at {}", worst.1, worst.0);
+    par
 }
 
 /// CPU reference: `cpu::attention` on f32 data.
@@ -230,6 +234,7 @@ fn flash_attention_matches_cpu() {
     let Some(b) = backend("flash_attention_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(11);
     let causal = |window, q_offset| FlashMask::Causal { window, q_offset };
     let cases = [
@@ -346,7 +351,7 @@ fn flash_attention_matches_cpu() {
             expand_kv(&v, c.tk, c.kv_heads, c.heads, c.hd),
         );
         let want = cpu_attention(&q, &ke, &ve, c.tq, c.tk, c.heads, c.hd, scale, mask);
-        assert_close(
+        par.merge(assert_close(
             &format!(
                 "case {ci}: hd {} heads {}/{} tq {} tk {} {:?} splits {:?}",
                 c.hd, c.heads, c.kv_heads, c.tq, c.tk, c.mask, c.splits
@@ -355,9 +360,10 @@ fn flash_attention_matches_cpu() {
             &want,
             BF16_ATOL,
             BF16_RTOL,
-        );
+        ));
     }
     b.synchronize().unwrap();
+    par.print("flash_attention");
 }
 
 #[test]
@@ -365,6 +371,7 @@ fn flash_attention_reads_column_slices_of_a_fused_projection() {
     let Some(b) = backend("flash_attention_reads_column_slices_of_a_fused_projection") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(12);
     // Phi-3's qkv_proj output [T, 3C] sliced into q, k, v without copies.
     let (t, heads, hd) = (150, 4, 96);
@@ -402,13 +409,13 @@ fn flash_attention_reads_column_slices_of_a_fused_projection() {
             q_offset: 0,
         },
     );
-    assert_close(
+    par.merge(assert_close(
         "strided q/k/v",
         &host_f32(&b, &got),
         &want,
         BF16_ATOL,
         BF16_RTOL,
-    );
+    ));
 
     // Refused: host tensors, f32, a head dim without a kernel, misaligned rows.
     let hq = Tensor::from_f32(vec![0.0; 64 * 2], [2, 64]).unwrap();
@@ -438,6 +445,7 @@ fn flash_attention_reads_column_slices_of_a_fused_projection() {
         .flash_attention(&z, &z, &z, 1, 1, 1.0, zero_window, None)
         .is_err());
     b.synchronize().unwrap();
+    par.print("flash_attention_strided");
 }
 
 // ---------------------------------------------------------------------------- SAM
@@ -523,6 +531,7 @@ fn sam_attention_matches_cpu() {
     let Some(b) = backend("sam_attention_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(13);
     // (grid, heads, window): SAM-L windowed (64 = 4*14 + 8: padded edge windows), a ragged grid,
     // a grid smaller than one window, global attention at SAM-L's size and a smaller one.
@@ -553,13 +562,13 @@ fn sam_attention_matches_cpu() {
             .unwrap();
         assert_eq!(got.dims(), &[gh * gw, c]);
         let want = sam_reference(&qkv, &bias, &rel_h, &rel_w, (gh, gw), heads, k, 0.125);
-        assert_close(
+        par.merge(assert_close(
             &format!("sam grid {gh}x{gw} heads {heads} window {k}"),
             &host_f32(&b, &got),
             &want,
             BF16_ATOL,
             BF16_RTOL,
-        );
+        ));
     }
     // Bad geometry is an error.
     let z = dev_bf16(&b, &vec![0.0; 4 * 192], &[4, 192]);
@@ -575,6 +584,7 @@ fn sam_attention_matches_cpu() {
         .sam_attention(&z, &bias, &r, &r, (2, 2), 1, 3, 0.125)
         .is_err());
     b.synchronize().unwrap();
+    par.print("sam_attention");
 }
 
 // ---------------------------------------------------------------------------- masked attention
@@ -598,6 +608,7 @@ fn masked_attention_matches_cpu() {
     let Some(b) = backend("masked_attention_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(14);
     let (heads, hd) = (8, 32);
     let width = heads * hd;
@@ -664,15 +675,18 @@ fn masked_attention_matches_cpu() {
             )
             .unwrap();
         let want = cpu_attention(&q, &k, &v, nq, tk, heads, hd, scale, AttnMask::Keep(&keep));
-        assert_close(
+        par.merge(assert_close(
             &format!("masked nq {nq} {hs}x{ws} -> {ht}x{wt} {ldt} splits {splits:?}"),
             &host_f32(&b, &got),
             &want,
             BF16_ATOL,
             BF16_RTOL,
-        );
+        ));
     }
     b.synchronize().unwrap();
+    par.print("masked_attention");
+    // The bits were compared exactly (assert_eq above): zero error.
+    gpu::Parity::default().print("attention_mask_bits");
 }
 
 // ---------------------------------------------------------------------------- paged KV
@@ -779,6 +793,8 @@ fn kv_append_writes_the_documented_layout() {
     assert!(b.kv_append(&mut m.gpu, 3, &k, &k, &idx(&[3, 4])).is_err());
     assert!(b.kv_append(&mut m.gpu, 0, &k, &k, &idx(&[3])).is_err());
     b.synchronize().unwrap();
+    // Every stored value was compared exactly (assert_eq above): zero error.
+    gpu::Parity::default().print("kv_append");
 }
 
 #[test]
@@ -786,6 +802,7 @@ fn paged_decode_matches_cpu() {
     let Some(b) = backend("paged_decode_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(16);
     // (head_dim, heads, kv_heads, window): Phi-3 (96, MHA), grouped heads at 64 and 128.
     for (hd, heads, kv_heads, window) in [
@@ -804,7 +821,7 @@ fn paged_decode_matches_cpu() {
         let s = m.cpu.new_sequence();
         m.append(&b, &mut rng, s, 203); // partly filled last block
         let scale = 1.0 / (hd as f32).sqrt();
-        let check = |m: &mut Mirror, rng: &mut Rng, s, label: &str| {
+        let mut check = |m: &mut Mirror, rng: &mut Rng, s, label: &str| {
             let len = m.cpu.len(s).unwrap();
             let pos0 = len - 1;
             let q = rng.bf16_vec(heads * hd, -1.0, 1.0);
@@ -831,7 +848,7 @@ fn paged_decode_matches_cpu() {
                         &m.cpu, s, layer, &q, pos0, heads, hd, scale, window, &mut want,
                     )
                     .unwrap();
-                    assert_close(
+                    par.merge(assert_close(
                         &format!(
                             "decode {label} hd {hd} heads {heads}/{kv_heads} len {len} window \
                              {window:?} split {split_len:?} layer {layer}"
@@ -840,7 +857,7 @@ fn paged_decode_matches_cpu() {
                         &want,
                         DECODE_ATOL,
                         DECODE_RTOL,
-                    );
+                    ));
                 }
             }
         };
@@ -863,6 +880,7 @@ fn paged_decode_matches_cpu() {
         m.cpu.check_consistency().unwrap();
     }
     b.synchronize().unwrap();
+    par.print("paged_decode");
 }
 
 #[test]
@@ -870,6 +888,7 @@ fn paged_prefill_matches_cpu() {
     let Some(b) = backend("paged_prefill_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(17);
     let (hd, heads) = (96, 4);
     for (prefix, suffix, window) in [(200, 37, None), (300, 70, Some(120)), (5, 3, None)] {
@@ -910,13 +929,13 @@ fn paged_prefill_matches_cpu() {
             &m.cpu, s, 0, &q, prefix, heads, hd, scale, window, &mut want,
         )
         .unwrap();
-        assert_close(
+        par.merge(assert_close(
             &format!("paged prefill prefix {prefix} suffix {suffix} window {window:?}"),
             &host_f32(&b, &got),
             &want,
             BF16_ATOL,
             BF16_RTOL,
-        );
+        ));
         // A query that needs a released block is an error, not a read of freed memory.
         if window.is_some() {
             let all = b.paged_prefill(
@@ -933,4 +952,5 @@ fn paged_prefill_matches_cpu() {
         }
     }
     b.synchronize().unwrap();
+    par.print("paged_prefill");
 }

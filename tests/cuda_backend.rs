@@ -25,10 +25,11 @@ fn backend(test: &str) -> Option<CudaBackend> {
 use gpu::Rng;
 
 /// Asserts |got - want| <= atol + rtol * |want| for every element; NaN or inf in `got` fails
-/// (the comparison is false for NaN).
-fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+/// (the comparison is false for NaN). Returns the worst errors, for the PARITY line.
+fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> gpu::Parity {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst = (0usize, 0.0f64);
+    let mut par = gpu::Parity::default();
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
         let tol = atol + rtol * w.abs();
@@ -37,11 +38,13 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
             "{what}: element {i}: got {g}, want {w} (|err| {err:e} > tol {tol:e}); \
              NaN means the kernel did not write it"
         );
+        par.add(g as f64, w);
         if err / tol > worst.1 {
             worst = (i, err / tol);
         }
     }
     println!("  {what}: max |err|/tol = {:.3} at {}", worst.1, worst.0);
+    par
 }
 
 fn host_f32(b: &CudaBackend, t: &Tensor) -> Vec<f32> {
@@ -227,6 +230,7 @@ fn layer_norm_matches_f64_reference() {
     let Some(b) = backend("layer_norm_matches_f64_reference") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(2);
     // Row lengths around the block-size boundaries (32, 1024) and the model's widths
     // (SAM 768/1024, SigLIP 1152, Phi-3 3072), odd sizes for ragged last warps.
@@ -289,13 +293,13 @@ fn layer_norm_matches_f64_reference() {
             // <= ~4. Typical errors are ~10x below the worst case. atol 3e-5 + rtol 2e-5 covers
             // the worst case and still catches any real bug (wrong mean or variance, a skipped
             // element, a wrong eps: errors >= 1e-3; NaN poison fails outright).
-            assert_close(
+            par.merge(assert_close(
                 &format!("layer_norm {dims:?} {case} (shape #{si})"),
                 &got,
                 &want,
                 3e-5,
                 2e-5,
-            );
+            ));
         }
     }
 
@@ -329,6 +333,7 @@ fn layer_norm_matches_f64_reference() {
     let y = b.layer_norm(&x, None, None, 1e-5).unwrap();
     assert!(host_f32(&b, &y).iter().all(|&v| v == 0.0));
     b.synchronize().unwrap();
+    par.print("layer_norm_f32");
 }
 
 #[test]
@@ -336,6 +341,7 @@ fn rms_norm_matches_f64_reference() {
     let Some(b) = backend("rms_norm_matches_f64_reference") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(3);
     for &(rows, cols) in &[(1usize, 1usize), (3, 31), (4, 3072), (2, 4097)] {
         let x = rng.vec(rows * cols, -2.0, 2.0);
@@ -361,14 +367,15 @@ fn rms_norm_matches_f64_reference() {
         }
         // No mean subtraction, so only the sum of squares' rounding (~15 * 2^-24 relative) and a
         // few ulp per multiply: 1e-5 relative + 1e-6 absolute has ample margin.
-        assert_close(
+        par.merge(assert_close(
             &format!("rms_norm [{rows}, {cols}]"),
             &got,
             &want,
             1e-6,
             1e-5,
-        );
+        ));
     }
+    par.print("rms_norm_f32");
 }
 
 #[test]
@@ -376,6 +383,7 @@ fn elementwise_kernels_match_reference() {
     let Some(b) = backend("elementwise_kernels_match_reference") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(4);
     // Sizes around the block (256) and beyond the grid cap so the grid-stride loop wraps.
     for &n in &[1usize, 255, 257, 100_003, 3_000_001] {
@@ -407,7 +415,13 @@ fn elementwise_kernels_match_reference() {
                 0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2))
             })
             .collect();
-        assert_close(&format!("gelu_erf n={n}"), &got, &want, 1e-6, 1e-6);
+        par.merge(assert_close(
+            &format!("gelu_erf n={n}"),
+            &got,
+            &want,
+            1e-6,
+            1e-6,
+        ));
 
         // casts: bit-exact against half's round-to-nearest-even.
         let bd = b.cast(&ad, DType::BF16).unwrap();
@@ -451,4 +465,5 @@ fn elementwise_kernels_match_reference() {
         assert_eq!(bf16::from_f32(*x).to_bits(), g.to_bits(), "cast of {x:e}");
     }
     b.synchronize().unwrap();
+    par.print("gelu_erf_f32");
 }

@@ -47,10 +47,12 @@ fn rb(x: f64) -> f64 {
     bf16::from_f64(x).to_f64()
 }
 
-/// |got - want| <= atol + rtol |want| everywhere; NaN/inf in `got` fail.
-fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+/// |got - want| <= atol + rtol |want| everywhere; NaN/inf in `got` fail. Returns the worst
+/// errors, for the PARITY line.
+fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> gpu::Parity {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst = (0usize, 0.0f64);
+    let mut par = gpu::Parity::default();
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
         let tol = atol + rtol * w.abs();
@@ -59,14 +61,16 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
             "{what}: element {i}: got {g}, want {w} (|err| {err:e} > tol {tol:e}); \
              NaN means the kernel did not write it"
         );
+        par.add(g as f64, w);
         if tol > 0.0 && err / tol > worst.1 {
             worst = (i, err / tol);
         }
     }
     println!("  {what}: max |err|/tol = {:.3} at {}", worst.1, worst.0);
+    par
 }
 
-fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
+fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) -> gpu::Parity {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!(
@@ -74,6 +78,8 @@ fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
             "{what}: element {i}: got {g}, want {w} (must be bit-exact)"
         );
     }
+    // Bit-exact: the measured error is zero.
+    gpu::Parity::default()
 }
 
 fn widen(v: &[f32]) -> Vec<f64> {
@@ -210,6 +216,7 @@ fn layer_norm_rows_match_f64_reference() {
     let Some(b) = backend("layer_norm_rows_match_f64_reference") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(11);
     for dt in DTYPES {
         for (si, &cols) in ROW_COLS.iter().enumerate() {
@@ -254,7 +261,7 @@ fn layer_norm_rows_match_f64_reference() {
                 } else {
                     (5e-5, 4e-3)
                 };
-                assert_close(
+                par.merge(assert_close(
                     &format!(
                         "layer_norm {dt} [{rows}, {cols}] {case}{}",
                         if misaligned { " misaligned" } else { "" }
@@ -263,7 +270,7 @@ fn layer_norm_rows_match_f64_reference() {
                     &want,
                     atol,
                     rtol,
-                );
+                ));
             }
         }
     }
@@ -271,6 +278,7 @@ fn layer_norm_rows_match_f64_reference() {
     let x = dev(&b, &vec![1.0; 40_000], &[1, 40_000], DType::F32);
     assert!(b.layer_norm(&x, None, None, 1e-5).is_err());
     b.synchronize().unwrap();
+    par.print("layer_norm");
 }
 
 #[test]
@@ -278,6 +286,8 @@ fn rms_norm_and_residual_match_reference() {
     let Some(b) = backend("rms_norm_and_residual_match_reference") else {
         return;
     };
+    let mut par_rms = gpu::Parity::default();
+    let mut par_res = gpu::Parity::default();
     let mut rng = Rng(12);
     for dt in DTYPES {
         for (si, &cols) in ROW_COLS.iter().enumerate() {
@@ -315,13 +325,13 @@ fn rms_norm_and_residual_match_reference() {
             for row in x.chunks(cols) {
                 want.extend(norm(&widen(row)));
             }
-            assert_close(
+            par_rms.merge(assert_close(
                 &format!("rms_norm {dt} [{rows}, {cols}]"),
                 &got,
                 &want,
                 atol,
                 rtol,
-            );
+            ));
 
             let (s, y) = b.rms_norm_residual(&xd, &rd, Some(&wd), eps).unwrap();
             let s_want: Vec<f64> = x
@@ -338,27 +348,29 @@ fn rms_norm_and_residual_match_reference() {
             // The sum is one addition rounded to T: exact. (bf16: the sum of two bf16 values
             // is exact in f32 unless their exponents differ by more than 16, so rounding the
             // f32 sum to bf16 is rounding the exact sum.)
-            assert_close(
+            par_res.merge(assert_close(
                 &format!("rms_norm_residual sum {dt} [{rows}, {cols}]"),
                 &host(&b, &s),
                 &s_want,
                 0.0,
                 0.0,
-            );
+            ));
             let mut want = Vec::new();
             for row in s_want.chunks(cols) {
                 want.extend(norm(row));
             }
-            assert_close(
+            par_res.merge(assert_close(
                 &format!("rms_norm_residual {dt} [{rows}, {cols}]"),
                 &host(&b, &y),
                 &want,
                 atol,
                 rtol,
-            );
+            ));
         }
     }
     b.synchronize().unwrap();
+    par_rms.print("rms_norm");
+    par_res.print("rms_norm_residual");
 }
 
 #[test]
@@ -366,6 +378,7 @@ fn softmax_rows_match_cpu() {
     let Some(b) = backend("softmax_rows_match_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(13);
     for dt in DTYPES {
         for &cols in &[1usize, 3, 8, 12, 201, 1024, 4097, 32_768] {
@@ -396,13 +409,13 @@ fn softmax_rows_match_cpu() {
             } else {
                 (1e-9, 4e-3)
             };
-            assert_close(
+            par.merge(assert_close(
                 &format!("softmax {dt} [{rows}, {cols}]"),
                 &got,
                 &want,
                 atol,
                 rtol,
-            );
+            ));
         }
     }
     // A NaN poisons its row; an all -inf row is NaN (torch semantics).
@@ -422,6 +435,7 @@ fn softmax_rows_match_cpu() {
     let y = host(&b, &b.softmax_rows(&x).unwrap());
     assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
     b.synchronize().unwrap();
+    par.print("softmax_rows");
 }
 
 // ---------------------------------------------------------------------------- 2-D norms
@@ -431,6 +445,7 @@ fn layer_norm_2d_matches_cpu() {
     let Some(b) = backend("layer_norm_2d_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(14);
     for dt in DTYPES {
         for &(n, c, h, w) in &[
@@ -485,16 +500,17 @@ fn layer_norm_2d_matches_cpu() {
             } else {
                 (1e-4, 1.6e-2)
             };
-            assert_close(
+            par.merge(assert_close(
                 &format!("layer_norm_2d {dt} [{n}, {c}, {h}, {w}]"),
                 &got,
                 &want,
                 atol,
                 rtol,
-            );
+            ));
         }
     }
     b.synchronize().unwrap();
+    par.print("layer_norm_2d");
 }
 
 #[test]
@@ -502,6 +518,7 @@ fn group_norm_matches_cpu() {
     let Some(b) = backend("group_norm_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(15);
     for dt in DTYPES {
         // (n, c, h, w, groups): the real shape (256 x 128^2 / 32 groups: 131072-element groups in
@@ -550,13 +567,13 @@ fn group_norm_matches_cpu() {
                 } else {
                     (2e-5, 4e-3)
                 };
-                assert_close(
+                par.merge(assert_close(
                     &format!("group_norm {dt} [{n}, {c}, {h}, {w}] g{g} relu={relu}"),
                     &got,
                     &want,
                     atol,
                     rtol,
-                );
+                ));
             }
         }
     }
@@ -567,6 +584,7 @@ fn group_norm_matches_cpu() {
         "6 channels into 4 groups"
     );
     b.synchronize().unwrap();
+    par.print("group_norm");
 }
 
 // ---------------------------------------------------------------------------- element-wise
@@ -576,6 +594,9 @@ fn activations_and_casts_match_cpu() {
     let Some(b) = backend("activations_and_casts_match_cpu") else {
         return;
     };
+    let mut par_gelu = gpu::Parity::default();
+    let mut par_silu = gpu::Parity::default();
+    let mut par_cast = gpu::Parity::default();
     let mut rng = Rng(16);
     for dt in DTYPES {
         for &n in &[1usize, 7, 8, 9, 4096, 100_003] {
@@ -601,13 +622,13 @@ fn activations_and_casts_match_cpu() {
                     } else {
                         (2e-6, 4e-3)
                     };
-                    assert_close(
+                    par_gelu.merge(assert_close(
                         &format!("gelu {kind:?} {dt} n={n} misaligned={misaligned}"),
                         &got,
                         &widen(&want),
                         atol,
                         rtol,
-                    );
+                    ));
                 }
             }
         }
@@ -636,13 +657,13 @@ fn activations_and_casts_match_cpu() {
             } else {
                 (1e-5, 1.6e-2)
             };
-            assert_close(
+            par_silu.merge(assert_close(
                 &format!("silu_gate {dt} [{rows}, {inter}]"),
                 &got,
                 &want,
                 atol,
                 rtol,
-            );
+            ));
         }
     }
     // Casts through f16: bit-exact against the half crate's round-to-nearest-even.
@@ -670,11 +691,11 @@ fn activations_and_casts_match_cpu() {
         "cast f32 -> f16"
     );
     let back = host(&b, &b.cast(&h, DType::F32).unwrap());
-    assert_bits_eq(
+    par_cast.merge(assert_bits_eq(
         "cast f16 -> f32",
         &back,
         &want16.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
-    );
+    ));
     let hb = b.to_host(&b.cast(&h, DType::BF16).unwrap()).unwrap();
     assert!(
         hb.as_slice::<bf16>()
@@ -696,6 +717,9 @@ fn activations_and_casts_match_cpu() {
         "cast bf16 -> f16"
     );
     b.synchronize().unwrap();
+    par_gelu.print("gelu");
+    par_silu.print("silu_gate");
+    par_cast.print("cast");
 }
 
 #[test]
@@ -703,6 +727,7 @@ fn rope_matches_cpu() {
     let Some(b) = backend("rope_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(17);
     for dt in DTYPES {
         for &(tokens, heads, hd, theta) in &[
@@ -755,17 +780,18 @@ fn rope_matches_cpu() {
                 } else {
                     (1e-5, 1.6e-2)
                 };
-                assert_close(
+                par.merge(assert_close(
                     &format!("rope {dt} [{tokens}, {heads}x{hd}] theta {theta} {name}"),
                     &got,
                     &want,
                     atol,
                     rtol,
-                );
+                ));
             }
         }
     }
     b.synchronize().unwrap();
+    par.print("rope");
 }
 
 // ---------------------------------------------------------------------------- resize
@@ -775,6 +801,7 @@ fn resize_bilinear_matches_cpu() {
     let Some(b) = backend("resize_bilinear_matches_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(18);
     for dt in DTYPES {
         for &(c, h, w, oh, ow) in &[
@@ -798,14 +825,15 @@ fn resize_bilinear_matches_cpu() {
                 let what = format!("resize {dt} [{c}, {h}, {w}] -> {oh}x{ow} ac={ac}");
                 if dt == DType::F32 {
                     // Same taps and the same non-fused f32 arithmetic as the CPU: bit-exact.
-                    assert_bits_eq(&what, &got, &want);
+                    par.merge(assert_bits_eq(&what, &got, &want));
                 } else {
-                    assert_bits_eq(&what, &got, &q(&want, DType::BF16));
+                    par.merge(assert_bits_eq(&what, &got, &q(&want, DType::BF16)));
                 }
             }
         }
     }
     b.synchronize().unwrap();
+    par.print("resize_bilinear");
 }
 
 /// The reference two-step: resize to pad x pad (align_corners=False), stored as T, crop, resize.
@@ -840,6 +868,7 @@ fn mask_postprocess_matches_two_step_cpu() {
     let Some(b) = backend("mask_postprocess_matches_two_step_cpu") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(19);
     for dt in DTYPES {
         // (Q, h, w, pad, scaled, image): landscape and portrait crops, a crop equal to the canvas
@@ -884,11 +913,11 @@ fn mask_postprocess_matches_two_step_cpu() {
             }
             // Same taps and arithmetic as the CPU two-step, the intermediate rounded to T at the
             // same point: bit-exact for both dtypes.
-            assert_bits_eq(
+            par.merge(assert_bits_eq(
                 &format!("mask_postprocess {dt} Q{qn} {h}x{w} -> {pad} -> {scaled:?} -> {out:?}"),
                 &got,
                 &want,
-            );
+            ));
         }
     }
     // The composition is not a single resize (the reason the kernel composes the taps).
@@ -900,6 +929,7 @@ fn mask_postprocess_matches_two_step_cpu() {
     cpu::resize_bilinear(&crop_src, 1, 16, 16, 75, 100, false, &mut one).unwrap();
     assert!(two.iter().zip(&one).any(|(a, c)| (a - c).abs() > 1e-3));
     b.synchronize().unwrap();
+    par.print("mask_postprocess");
 }
 
 // ---------------------------------------------------------------------------- pixel shuffle
@@ -923,6 +953,7 @@ fn pixel_shuffle_matches_cpu_in_both_layouts() {
     let Some(b) = backend("pixel_shuffle_matches_cpu_in_both_layouts") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(21);
     for dt in DTYPES {
         // (n, h, w, c): the model's (64x64x1024, 64x64x2048), odd sizes (padding), c not a
@@ -965,11 +996,11 @@ fn pixel_shuffle_matches_cpu_in_both_layouts() {
                     };
                     let y = b.pixel_shuffle(&xd, dir, MapLayout::ChannelsLast).unwrap();
                     assert_eq!(y.dims(), &[n, oh, ow, oc]);
-                    assert_bits_eq(
+                    par.merge(assert_bits_eq(
                         &format!("{what} channels-last misaligned={misaligned}"),
                         &host(&b, &y),
                         &want,
-                    );
+                    ));
                 }
                 let xcf = to_cf(&x, n, h, w, c);
                 let y = b
@@ -980,11 +1011,11 @@ fn pixel_shuffle_matches_cpu_in_both_layouts() {
                     )
                     .unwrap();
                 assert_eq!(y.dims(), &[n, oc, oh, ow]);
-                assert_bits_eq(
+                par.merge(assert_bits_eq(
                     &format!("{what} channels-first"),
                     &host(&b, &y),
                     &to_cf(&want, n, oh, ow, oc),
-                );
+                ));
             }
         }
     }
@@ -995,6 +1026,7 @@ fn pixel_shuffle_matches_cpu_in_both_layouts() {
         "6 channels up"
     );
     b.synchronize().unwrap();
+    par.print("pixel_shuffle");
 }
 
 // ---------------------------------------------------------------------------- deformable attention
@@ -1077,6 +1109,7 @@ fn ms_deform_attn_matches_f64_reference() {
     let Some(b) = backend("ms_deform_attn_matches_f64_reference") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(22);
     for dt in DTYPES {
         // (levels, heads, hd): the real head geometry (8 x 32) on small maps, the test model's
@@ -1147,13 +1180,13 @@ fn ms_deform_attn_matches_f64_reference() {
                     (1e-4, 4e-3)
                 };
                 let got = host(&b, &y);
-                assert_close(
+                par.merge(assert_close(
                     &format!("ms_deform_attn {dt} {levels:?} {heads}x{hd} refs={with_refs}"),
                     &got,
                     &want,
                     atol,
                     rtol,
-                );
+                ));
                 if dt == DType::F32 {
                     // The CPU backend's kernel: the same f32 coordinate arithmetic, sums in
                     // another order and corner weights as (1 - ex) rather than (fx + 1 - ix).
@@ -1176,13 +1209,13 @@ fn ms_deform_attn_matches_f64_reference() {
                         &mut cpu_out,
                     )
                     .unwrap();
-                    assert_close(
+                    par.merge(assert_close(
                         &format!("ms_deform_attn vs cpu {levels:?} {heads}x{hd} refs={with_refs}"),
                         &got,
                         &widen(&cpu_out),
                         2e-5,
                         1e-5,
-                    );
+                    ));
                 }
             }
         }
@@ -1210,6 +1243,7 @@ fn ms_deform_attn_matches_f64_reference() {
         "short logits"
     );
     b.synchronize().unwrap();
+    par.print("ms_deform_attn");
 }
 
 // ---------------------------------------------------------------------------- region pooling
@@ -1253,6 +1287,7 @@ fn region_pool_matches_f64_reference() {
     let Some(b) = backend("region_pool_matches_f64_reference") else {
         return;
     };
+    let mut par = gpu::Parity::default();
     let mut rng = Rng(23);
     for dt in DTYPES {
         // (grid, D, mask size, P): the real geometry (32x32 tokens of 3072, 1024 mask, 256
@@ -1303,13 +1338,13 @@ fn region_pool_matches_f64_reference() {
                     .to_vec_f32()
                     .unwrap();
                 // Same f32 coordinates; the CPU sums the 4 taps without FMA: a few ulp.
-                assert_close(
+                par.merge(assert_close(
                     &format!("region_pool vs cpu RegionSampler {gh}x{gw}x{d} P{np}"),
                     &got,
                     &widen(&cpu_out),
                     1e-6,
                     1e-6,
-                );
+                ));
             }
             for (ri, (name, _)) in masks.iter().enumerate() {
                 let want = region_ref(
@@ -1327,13 +1362,13 @@ fn region_pool_matches_f64_reference() {
                 } else {
                     (1e-5, 4e-3)
                 };
-                assert_close(
+                par.merge(assert_close(
                     &format!("region_pool {dt} {gh}x{gw}x{d} mask {ms} P{np} {name}"),
                     &got[ri * d..(ri + 1) * d],
                     &want,
                     atol,
                     rtol,
-                );
+                ));
             }
         }
     }
@@ -1347,6 +1382,7 @@ fn region_pool_matches_f64_reference() {
         "3 points, prompts of 2"
     );
     b.synchronize().unwrap();
+    par.print("region_pool");
 }
 
 // ---------------------------------------------------------------------------- embeddings
@@ -1356,6 +1392,8 @@ fn gather_rows_and_sine_embedding_match_reference() {
     let Some(b) = backend("gather_rows_and_sine_embedding_match_reference") else {
         return;
     };
+    let mut par_gather = gpu::Parity::default();
+    let mut par_sine = gpu::Parity::default();
     let mut rng = Rng(24);
     for &(rows, cols) in &[(10usize, 3072usize), (7, 13), (1, 1)] {
         let table = q(&rng.vec(rows * cols, -1.0, 1.0), DType::BF16);
@@ -1373,18 +1411,18 @@ fn gather_rows_and_sine_embedding_match_reference() {
         for out_dt in [DType::F32, DType::BF16] {
             let y = b.gather_rows(&td, &ids, out_dt).unwrap();
             assert_eq!((y.dtype(), y.dims()), (out_dt, &[ids.len(), cols][..]));
-            assert_bits_eq(
+            par_gather.merge(assert_bits_eq(
                 &format!("gather bf16 -> {out_dt} [{rows}, {cols}]"),
                 &host(&b, &y),
                 &want,
-            );
+            ));
         }
         let tf = dev(&b, &table, &[rows, cols], DType::F32);
-        assert_bits_eq(
+        par_gather.merge(assert_bits_eq(
             "gather f32",
             &host(&b, &b.gather_rows(&tf, &ids, DType::F32).unwrap()),
             &want,
-        );
+        ));
         assert!(
             b.gather_rows(&td, &[rows as u32], DType::F32).is_err(),
             "id out of range"
@@ -1448,18 +1486,20 @@ fn gather_rows_and_sine_embedding_match_reference() {
                     } else {
                         (8e-3, 8e-3)
                     };
-                    assert_close(
+                    par_sine.merge(assert_close(
                         &format!("sine pos {dt} {h}x{w} F{f} {layout:?} add={with_add}"),
                         &got,
                         &want,
                         atol,
                         rtol,
-                    );
+                    ));
                 }
             }
         }
     }
     b.synchronize().unwrap();
+    par_gather.print("gather_rows");
+    par_sine.print("sine_position_embedding");
 }
 
 // ---------------------------------------------------------------------------- bench helpers

@@ -1,4 +1,5 @@
-//! Shared by the GPU test files: the skip rule and a seeded random generator.
+//! Shared by the GPU test files: the skip rule, a seeded random generator, an f64 LayerNorm and
+//! the PARITY line of the GPU suite's table.
 #![allow(dead_code)]
 
 use half::bf16;
@@ -91,4 +92,37 @@ pub fn layer_norm_ref(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, eps: f32)
             y
         })
         .collect()
+}
+
+/// The worst error of a group of GPU-vs-reference comparisons, for the suite's table: printed as
+/// `PARITY <name> max_abs=<x> max_rel=<y>` (scripts/gpu-bundle.sh parses it). The relative error
+/// divides by `max(|want|, 1e-3)` so that values near zero do not dominate it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Parity {
+    pub abs: f64,
+    pub rel: f64,
+}
+
+impl Parity {
+    /// Records one compared element.
+    pub fn add(&mut self, got: f64, want: f64) {
+        let err = (got - want).abs();
+        self.abs = self.abs.max(err);
+        self.rel = self.rel.max(err / want.abs().max(1e-3));
+    }
+
+    /// Folds in the worst errors of another comparison.
+    pub fn merge(&mut self, other: Parity) {
+        self.abs = self.abs.max(other.abs);
+        self.rel = self.rel.max(other.rel);
+    }
+
+    /// Prints the PARITY line; call it only after the comparisons passed. `name` has no spaces.
+    pub fn print(&self, name: &str) {
+        assert!(!name.contains(char::is_whitespace), "PARITY name {name:?}");
+        println!(
+            "PARITY {name} max_abs={:.3e} max_rel={:.3e}",
+            self.abs, self.rel
+        );
+    }
 }
