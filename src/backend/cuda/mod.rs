@@ -15,6 +15,9 @@
 //! - `vision`: launchers of the vision/segmentation kernels (row and 2-D norms, softmax, RoPE,
 //!   activations, resize and the mask post-process, pixel shuffle, deformable attention, region
 //!   pooling, embeddings) and benchmark helpers.
+//! - `tensor_ops`: the graph executor's element-wise and data-movement launchers (mul, scale,
+//!   add_row, relu, silu, clamp, mask_keep, L2-normalise, permute / narrow / concat, im2col
+//!   convolution, masked-attention keep bits).
 //! - `kernels`: what build.rs produced (fatbin, ptxas report path, kernel names).
 
 mod attention;
@@ -23,11 +26,13 @@ mod context;
 mod gemm;
 pub mod kernels;
 mod ops;
+mod tensor_ops;
 mod vision;
 
 pub use attention::{block_table_i32, AttnMaskBits, DevicePagedKv, FlashMask, ATTENTION_KERNELS};
 pub use buffer::DeviceBuffer;
-pub use gemm::Epilogue;
 pub use context::{cuda_available, device_count, driver_version, CudaBackend};
+pub use gemm::Epilogue;
 pub use kernels::kernels_compiled;
+pub use tensor_ops::MAX_COPY_RANK;
 pub use vision::{Gelu, MapLayout, RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS, MAX_ROW};
