@@ -29,7 +29,9 @@ mod ops;
 mod tensor_ops;
 mod vision;
 
-pub use attention::{block_table_i32, AttnMaskBits, DevicePagedKv, FlashMask, ATTENTION_KERNELS};
+pub use attention::{
+    block_table_i32, AttnMaskBits, DeviceIndex, DevicePagedKv, FlashMask, ATTENTION_KERNELS,
+};
 pub use buffer::DeviceBuffer;
 pub use context::{cuda_available, device_count, driver_version, CudaBackend};
 pub use gemm::Epilogue;
