@@ -11,7 +11,8 @@
 //! every token before the question's chunk) are computed once per session; each request forks
 //! that sequence in the paged cache and runs only its suffix.
 
-use crate::graph::Executor;
+use crate::backend::cuda::CudaBackend;
+use crate::graph::{CudaExecutor, DeviceWeights, Executor, GraphExecutor, Outputs, Plan};
 use crate::image::{preprocess_prompt_mask, preprocess_sam, preprocess_siglip, Filter};
 use crate::image::{GreyImage, RgbImage, SamInput};
 use crate::kv::{KvConfig, PagedKvCache, SeqId};
@@ -32,6 +33,7 @@ use crate::task::result::{ResultJson, Timings};
 use crate::task::templates::{question, QuestionInput, Task, DEFAULT_FORCED_ANSWER};
 use crate::{Config, Device, Error, Result, Tensor, Weights};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -52,6 +54,29 @@ pub struct Model {
     class_head: ClassHead,
     llm: Phi3,
     sampler: RegionSampler,
+    /// The weights on the GPU for `Device::Cuda`, shared by every session's executor.
+    device: Option<Arc<DeviceWeights>>,
+}
+
+/// A session's graph executor: the CPU one, or the CUDA one on the model's device weights.
+enum SessionExecutor {
+    Cpu(Executor),
+    Cuda(Box<CudaExecutor>),
+}
+
+impl GraphExecutor for SessionExecutor {
+    fn run_with_kv(
+        &mut self,
+        graph: &crate::graph::Graph,
+        plan: &Plan,
+        inputs: &[(crate::graph::NodeId, &Tensor)],
+        kv: Option<(&mut PagedKvCache, SeqId)>,
+    ) -> Result<Outputs> {
+        match self {
+            SessionExecutor::Cpu(e) => e.run_with_kv(graph, plan, inputs, kv),
+            SessionExecutor::Cuda(e) => e.run_with_kv(graph, plan, inputs, kv),
+        }
+    }
 }
 
 /// One request on a session's image.
@@ -118,6 +143,16 @@ pub struct Output {
     pub dump: Vec<(String, Tensor)>,
 }
 
+/// Device memory of a CUDA session (see [`Session::device_usage`]).
+#[derive(Clone, Debug)]
+pub struct DeviceUsage {
+    pub weights_bytes: usize,
+    pub kv_bytes: usize,
+    pub peak_activation_bytes: usize,
+    /// Op kind -> nodes run on the CPU because no kernel takes their shape.
+    pub fallbacks: Vec<(String, usize)>,
+}
+
 /// The SAM input, the kept SAM hidden states and the seg-projector tokens of one image.
 type SamSide = (SamInput, Vec<(usize, Tensor)>, Tensor);
 
@@ -142,12 +177,11 @@ impl Model {
     /// Loads `config.json`, the weights and `tokenizer.json` from `dir` and builds every stage.
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Model> {
         let dir = dir.as_ref();
-        if let Device::Cuda(_) = device {
-            return Err(Error::Backend {
-                backend: "cuda",
-                msg: "the CUDA pipeline is not available yet; use --device cpu".into(),
-            });
-        }
+        // Open the GPU first: without one, `--device cuda` fails before any loading.
+        let backend = match device {
+            Device::Cpu => None,
+            Device::Cuda(i) => Some(Arc::new(CudaBackend::new(i)?)),
+        };
         if !dir.is_dir() {
             return Err(Error::Input(format!(
                 "model directory {} does not exist (create one with `xsam init` or `xsam convert`)",
@@ -160,7 +194,7 @@ impl Model {
         let weights = Weights::load(dir)?;
         crate::model::check_weights(&weights, &cfg)?;
         let root = weights.root();
-        Ok(Model {
+        let mut model = Model {
             sam: SamEncoder::for_xsam(&cfg, &root.pp("segmentor.encoder"))?,
             siglip: SiglipEncoder::for_xsam(&cfg.vision, &root.pp("visual_encoder.vision_model"))?,
             visual_proj: Projector::visual(&root, &cfg)?,
@@ -173,7 +207,86 @@ impl Model {
             sampler: RegionSampler::new(cfg.region_sampler.num_points),
             tokenizer,
             cfg,
-        })
+            device: None,
+        };
+        if let Some(b) = backend {
+            model.check_device_budget(&weights, &b)?;
+            let dw = DeviceWeights::new(b);
+            let total: usize = weights
+                .names()
+                .filter_map(|n| weights.info(n))
+                .map(|i| i.shape.iter().product::<usize>() * 2)
+                .sum();
+            let bar = crate::progress::bytes_bar(total as u64, "uploading weights", true);
+            dw.preload(&weights, &mut |done, _| bar.set_position(done as u64))?;
+            bar.finish_and_clear();
+            model.device = Some(Arc::new(dw));
+        }
+        Ok(model)
+    }
+
+    /// The device this model runs on.
+    pub fn device(&self) -> Device {
+        match &self.device {
+            Some(d) => Device::Cuda(d.backend().ordinal()),
+            None => Device::Cpu,
+        }
+    }
+
+    /// The model's weights on the GPU (`None` on the CPU).
+    pub fn device_weights(&self) -> Option<&Arc<DeviceWeights>> {
+        self.device.as_ref()
+    }
+
+    /// A fresh executor for this model's device.
+    fn executor(&self) -> SessionExecutor {
+        match &self.device {
+            Some(d) => SessionExecutor::Cuda(Box::new(CudaExecutor::new(d.clone()))),
+            None => SessionExecutor::Cpu(Executor::new()),
+        }
+    }
+
+    /// A KV cache of `cfg`: on the GPU only the bookkeeping lives on the host.
+    fn new_kv_cache(&self, cfg: KvConfig) -> Result<PagedKvCache> {
+        match &self.device {
+            Some(_) => Ok(PagedKvCache::metadata_only(cfg)),
+            None => PagedKvCache::new(cfg),
+        }
+    }
+
+    /// Fails with `Error::OutOfMemory` naming the parts when the weights (bf16), a session's KV
+    /// pool (bf16) and an activation estimate do not fit the card's free memory.
+    fn check_device_budget(&self, weights: &Weights, b: &CudaBackend) -> Result<()> {
+        const GIB: f64 = (1u64 << 30) as f64;
+        let w: usize = weights
+            .names()
+            .filter_map(|n| weights.info(n))
+            .map(|i| i.shape.iter().product::<usize>() * 2)
+            .sum();
+        let kv_cfg = self.kv_config(self.cfg.num_image_tokens() + 64)?;
+        let kv = kv_cfg.num_blocks * kv_cfg.bytes_per_block(2);
+        // Activations: the SAM encoder's token maps dominate; budget 64 of them live at once
+        // (an estimate, not a plan: the graphs are built per request).
+        let sam = &self.cfg.sam;
+        let tokens = (sam.image_size / sam.patch_size.max(1)).pow(2);
+        let arena = 64 * tokens * sam.hidden_size * 4;
+        let need = w + kv + arena;
+        let (free, total) = b.mem_info()?;
+        if need > free {
+            return Err(Error::OutOfMemory(format!(
+                "{} ({:.1} GiB total) has {:.2} GiB free but the model needs about {:.2} GiB: \
+                 weights {:.2} GiB (bf16), KV cache {:.2} GiB, activations ~{:.2} GiB; use a \
+                 larger GPU or --device cpu",
+                b.device_name(),
+                total as f64 / GIB,
+                free as f64 / GIB,
+                need as f64 / GIB,
+                w as f64 / GIB,
+                kv as f64 / GIB,
+                arena as f64 / GIB
+            )));
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {
@@ -187,7 +300,7 @@ impl Model {
     /// Opens a session on `image`: runs the image side once (preprocessing, SAM, SigLIP,
     /// projectors, connector, pixel decoder) and the LLM over the shared prompt prefix.
     pub fn session(&self, image: &RgbImage) -> Result<Session<'_>> {
-        let mut exec = Executor::new();
+        let mut exec = self.executor();
         let mut timings = Timings::default();
         let side = self.image_side(&mut exec, image, &mut timings)?;
 
@@ -195,7 +308,7 @@ impl Model {
         let prefix_tokens = self.prefix_tokens()?;
         let image_block = image_block(&side)?;
         let spliced = splice(&self.llm, &prefix_tokens, Some(&image_block), &[])?;
-        let mut cache = PagedKvCache::new(self.kv_config(spliced.ids.len())?)?;
+        let mut cache = self.new_kv_cache(self.kv_config(spliced.ids.len())?)?;
         let prefix_seq = cache.new_sequence();
         let fwd = self
             .llm
@@ -298,7 +411,7 @@ impl Model {
 
     fn sam_side(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         image: &RgbImage,
         timings: &mut Timings,
     ) -> Result<SamSide> {
@@ -318,7 +431,7 @@ impl Model {
 
     fn image_side(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         image: &RgbImage,
         timings: &mut Timings,
     ) -> Result<ImageSide> {
@@ -427,7 +540,7 @@ fn cat_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// A model bound to one image.
 pub struct Session<'m> {
     model: &'m Model,
-    exec: Executor,
+    exec: SessionExecutor,
     cache: PagedKvCache,
     prefix_seq: SeqId,
     prefix_tokens: Vec<PromptToken>,
@@ -472,6 +585,24 @@ impl<'m> Session<'m> {
     /// Image-side stage timings (ms), including the shared LLM prefix.
     pub fn timings(&self) -> &Timings {
         &self.timings
+    }
+
+    /// On CUDA: device bytes of the weights, this session's KV pool and its activations' high
+    /// mark, and the nodes that ran on the CPU (by op kind). `None` on the CPU.
+    pub fn device_usage(&self) -> Option<DeviceUsage> {
+        match &self.exec {
+            SessionExecutor::Cpu(_) => None,
+            SessionExecutor::Cuda(e) => Some(DeviceUsage {
+                weights_bytes: e.weights().bytes(),
+                kv_bytes: e.kv_bytes(),
+                peak_activation_bytes: e.peak_activation_bytes(),
+                fallbacks: e
+                    .fallbacks()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
+            }),
+        }
     }
 
     /// `(height, width)` of the session's image.
