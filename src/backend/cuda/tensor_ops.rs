@@ -457,6 +457,6 @@ mod tests {
         assert_eq!(max_index(&[3, 2], &[1, 3], 0), Some(5));
         assert_eq!(max_index(&[3, 2], &[1, 3], 4), Some(9));
         assert_eq!(max_index(&[0, 2], &[1, 3], 0), Some(3));
-        assert_eq!(max_index(&[2], &[usize::MAX], 0), None);
+        assert_eq!(max_index(&[2], &[usize::MAX], 1), None);
     }
 }
