@@ -94,28 +94,27 @@ fn f32_weight(
     .unwrap()
 }
 
+/// Builds a case's graph: (graph, rng, feeds) -> the node to compare.
+type Build<'a> = &'a dyn Fn(&mut Graph, &mut Rng, &mut Vec<(NodeId, Tensor)>) -> NodeId;
+
 /// One case per op (several for ops with kernel limits).
 fn cases() -> Vec<Case> {
     let mut out = vec![];
     let mut rng = Rng(42);
-    let mut add =
-        |name: &'static str,
-         tol: f32,
-         kernel: bool,
-         build: &dyn Fn(&mut Graph, &mut Rng, &mut Vec<(NodeId, Tensor)>) -> NodeId| {
-            let mut g = Graph::new();
-            let mut feeds = vec![];
-            let o = build(&mut g, &mut rng, &mut feeds);
-            g.mark_output(o);
-            out.push(Case {
-                name,
-                g,
-                feeds,
-                out: o,
-                tol,
-                kernel,
-            });
-        };
+    let mut add = |name: &'static str, tol: f32, kernel: bool, build: Build| {
+        let mut g = Graph::new();
+        let mut feeds = vec![];
+        let o = build(&mut g, &mut rng, &mut feeds);
+        g.mark_output(o);
+        out.push(Case {
+            name,
+            g,
+            feeds,
+            out: o,
+            tol,
+            kernel,
+        });
+    };
     add("linear", BF16, true, &|g, r, f| {
         let x = input(g, r, f, "x", &[2, 5, 48]);
         let w = weight(g, r, "w", &[40, 48], 0.2);

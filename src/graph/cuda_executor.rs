@@ -793,20 +793,19 @@ impl CudaExecutor {
         let t = q.dims()[0];
         let bs = cache.config().block_size;
         let table_host = cache.block_table(*seq)?.to_vec();
-        if !kv_run.slots.contains_key(&(pos0, t)) {
-            let slots = (pos0..pos0 + t)
-                .map(|p| match table_host.get(p / bs).copied().flatten() {
-                    Some(blk) => i32::try_from(blk as usize * bs + p % bs)
-                        .map_err(|_| Error::Graph("KV slot exceeds i32".into())),
-                    None => Err(Error::Graph(format!("KV position {p} has no block"))),
-                })
-                .collect::<Result<Vec<i32>>>()?;
-            kv_run.slots.insert((pos0, t), b.upload_index(&slots)?);
-        }
-        let slots = kv_run
-            .slots
-            .get(&(pos0, t))
-            .ok_or_else(|| Error::Graph("KV slots missing".into()))?;
+        let slots = match kv_run.slots.entry((pos0, t)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let slots = (pos0..pos0 + t)
+                    .map(|p| match table_host.get(p / bs).copied().flatten() {
+                        Some(blk) => i32::try_from(blk as usize * bs + p % bs)
+                            .map_err(|_| Error::Graph("KV slot exceeds i32".into())),
+                        None => Err(Error::Graph(format!("KV position {p} has no block"))),
+                    })
+                    .collect::<Result<Vec<i32>>>()?;
+                e.insert(b.upload_index(&slots)?)
+            }
+        };
         let table = kv_run
             .table
             .as_ref()
