@@ -354,8 +354,15 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
     let hwm = vm_hwm_kb();
     if let Some(u) = &last_device_usage {
         let mb = |b: usize| b as f64 / (1u64 << 20) as f64;
+        let in_use = model
+            .device_weights()
+            .and_then(|d| d.backend().mem_info().ok())
+            .map_or("-".to_string(), |(free, total)| {
+                format!("{:.0} of {:.0} MB", mb(total.saturating_sub(free)), mb(total))
+            });
         println!(
-            "device {dev}: weights {:.0} MB, KV pool {:.0} MB, peak activations {:.0} MB (last session); CPU fallbacks {:?}",
+            "device {dev}: weights {:.0} MB, KV pool {:.0} MB, peak live activations {:.0} MB (last session); \
+             in use now {in_use}; CPU fallbacks {:?}",
             mb(u.weights_bytes),
             mb(u.kv_bytes),
             mb(u.peak_activation_bytes),
