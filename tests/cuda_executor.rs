@@ -274,6 +274,17 @@ fn cases() -> Vec<Case> {
         g.push("y", attn(8, false, None, 0), &[q, k, v, keep])
             .unwrap()
     });
+    add(
+        "attention 8x32 unmasked (masked kernel)",
+        BF16,
+        true,
+        &move |g, r, f| {
+            let q = input(g, r, f, "q", &[12, 256]);
+            let k = input(g, r, f, "k", &[12, 256]);
+            let v = input(g, r, f, "v", &[12, 256]);
+            g.push("y", attn(8, false, None, 0), &[q, k, v]).unwrap()
+        },
+    );
     add("add", EXACT, true, &|g, r, f| {
         let a = input(g, r, f, "a", &[3, 17]);
         let b = input(g, r, f, "b", &[3, 17]);

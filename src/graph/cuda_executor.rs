@@ -646,8 +646,16 @@ impl CudaExecutor {
                     bf(inp(1, Form::Param)?)?,
                     bf(inp(2, Form::Param)?)?,
                 );
+                let hd = q.dims()[1] / heads;
                 let o = if node.inputs.len() == 4 {
                     let bits = b.keep_bits(&inp(3, Form::Param)?)?;
+                    b.masked_attention(&q, &k, &v, &bits, *heads, *scale, None)?
+                } else if hd == 32 {
+                    // Unmasked 8x32 heads (Mask2Former self-attention): the masked kernel with
+                    // every key kept.
+                    let (tq, tk) = (q.dims()[0], k.dims()[0]);
+                    let ones = b.to_device(&Tensor::from_f32(vec![1.0; tq * tk], [tq, tk])?)?;
+                    let bits = b.keep_bits(&ones)?;
                     b.masked_attention(&q, &k, &v, &bits, *heads, *scale, None)?
                 } else {
                     let mask = if *causal {
@@ -888,10 +896,10 @@ pub fn unsupported(graph: &Graph, id: NodeId) -> Option<String> {
                 )
             })
         }
-        Op::Attention { heads, .. } => {
+        Op::Attention { heads, causal, .. } => {
             let (qd, vd) = (sh(0)[1], sh(2)[1]);
             let (hd, vhd) = (qd / heads, vd / heads);
-            if node.inputs.len() == 4 {
+            if node.inputs.len() == 4 || (hd == 32 && !causal) {
                 (hd != 32 || vhd != 32)
                     .then(|| format!("masked attention head dim {hd} (kernel: 32)"))
             } else if !matches!(hd, 64 | 72 | 96) || vhd != hd {
@@ -1038,6 +1046,18 @@ mod tests {
         assert!(unsupported(&g, a64).is_none());
         assert!(unsupported(&g, m32).is_none());
         assert!(unsupported(&g, m64).is_some());
+        // Unmasked 8x32 runs on the masked kernel with every key kept; causal 8x32 does not.
+        let s32 = g.push("s32", attn(8), &[q32, q32, q32]).unwrap();
+        let causal = Op::Attention {
+            heads: 8,
+            scale: 0.1,
+            causal: true,
+            window: None,
+            q_offset: 0,
+        };
+        let c32 = g.push("c32", causal, &[q32, q32, q32]).unwrap();
+        assert!(unsupported(&g, s32).is_none());
+        assert!(unsupported(&g, c32).is_some());
         let wide = g.input("wide", [2, MAX_ROW + 1]).unwrap();
         let sm = g.push("sm", Op::Softmax, &[wide]).unwrap();
         assert!(unsupported(&g, sm).is_some());

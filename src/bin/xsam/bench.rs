@@ -358,7 +358,11 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
             .device_weights()
             .and_then(|d| d.backend().mem_info().ok())
             .map_or("-".to_string(), |(free, total)| {
-                format!("{:.0} of {:.0} MB", mb(total.saturating_sub(free)), mb(total))
+                format!(
+                    "{:.0} of {:.0} MB",
+                    mb(total.saturating_sub(free)),
+                    mb(total)
+                )
             });
         println!(
             "device {dev}: weights {:.0} MB, KV pool {:.0} MB, peak live activations {:.0} MB (last session); \
