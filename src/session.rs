@@ -11,7 +11,8 @@
 //! every token before the question's chunk) are computed once per session; each request forks
 //! that sequence in the paged cache and runs only its suffix.
 
-use crate::graph::Executor;
+use crate::backend::cuda::CudaBackend;
+use crate::graph::{CudaExecutor, DeviceWeights, Executor, GraphExecutor, Outputs, Plan};
 use crate::hooks::{poll, LoadProgress, RunHooks};
 use crate::image::{preprocess_prompt_mask, preprocess_sam, preprocess_siglip, Filter};
 use crate::image::{GreyImage, RgbImage, SamInput};
@@ -33,6 +34,7 @@ use crate::task::result::{ResultJson, Timings};
 use crate::task::templates::{question, QuestionInput, Task, DEFAULT_FORCED_ANSWER};
 use crate::{Config, Device, Error, MemoryPlan, Result, Tensor, Weights};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -55,6 +57,29 @@ pub struct Model {
     sampler: RegionSampler,
     /// Bytes of the mapped weight files.
     weights_bytes: u64,
+    /// The weights on the GPU for `Device::Cuda`, shared by every session's executor.
+    device: Option<Arc<DeviceWeights>>,
+}
+
+/// A session's graph executor: the CPU one, or the CUDA one on the model's device weights.
+enum SessionExecutor {
+    Cpu(Executor),
+    Cuda(Box<CudaExecutor>),
+}
+
+impl GraphExecutor for SessionExecutor {
+    fn run_with_kv(
+        &mut self,
+        graph: &crate::graph::Graph,
+        plan: &Plan,
+        inputs: &[(crate::graph::NodeId, &Tensor)],
+        kv: Option<(&mut PagedKvCache, SeqId)>,
+    ) -> Result<Outputs> {
+        match self {
+            SessionExecutor::Cpu(e) => e.run_with_kv(graph, plan, inputs, kv),
+            SessionExecutor::Cuda(e) => e.run_with_kv(graph, plan, inputs, kv),
+        }
+    }
 }
 
 /// One request on a session's image.
@@ -121,6 +146,16 @@ pub struct Output {
     pub dump: Vec<(String, Tensor)>,
 }
 
+/// Device memory of a CUDA session (see [`Session::device_usage`]).
+#[derive(Clone, Debug)]
+pub struct DeviceUsage {
+    pub weights_bytes: usize,
+    pub kv_bytes: usize,
+    pub peak_activation_bytes: usize,
+    /// Op kind -> nodes run on the CPU because no kernel takes their shape.
+    pub fallbacks: Vec<(String, usize)>,
+}
+
 /// The SAM input, the kept SAM hidden states and the seg-projector tokens of one image.
 type SamSide = (SamInput, Vec<(usize, Tensor)>, Tensor);
 
@@ -157,12 +192,11 @@ impl Model {
         progress: &mut dyn FnMut(f32) -> bool,
     ) -> Result<Model> {
         let dir = dir.as_ref();
-        if let Device::Cuda(_) = device {
-            return Err(Error::Backend {
-                backend: "cuda",
-                msg: "the CUDA pipeline is not available yet; use --device cpu".into(),
-            });
-        }
+        // Open the GPU first: without one, `--device cuda` fails before any loading.
+        let backend = match device {
+            Device::Cpu => None,
+            Device::Cuda(i) => Some(Arc::new(CudaBackend::new(i)?)),
+        };
         if !dir.is_dir() {
             return Err(Error::Input(format!(
                 "model directory {} does not exist (create one with `xsam init` or `xsam convert`)",
@@ -189,9 +223,11 @@ impl Model {
         let llm_b = weights.bytes_under("llm.");
         let heads_b = all.saturating_sub(sam_b + siglip_b + llm_b);
         let mut done = 0u64;
+        // On a GPU the upload takes the last part of the way.
+        let build_span = if backend.is_some() { 0.40 } else { 0.72 };
         let mut built = |p: &mut LoadProgress, bytes: u64| {
             done += bytes;
-            p.report(0.27 + 0.72 * (done as f32 / all as f32).min(1.0))
+            p.report(0.27 + build_span * (done as f32 / all as f32).min(1.0))
         };
         let sam = SamEncoder::for_xsam(&cfg, &root.pp("segmentor.encoder"))?;
         built(&mut progress, sam_b)?;
@@ -206,7 +242,7 @@ impl Model {
         built(&mut progress, heads_b)?;
         let llm = Phi3::load(&root.pp("llm"), &cfg.llm)?;
         built(&mut progress, llm_b)?;
-        let model = Model {
+        let mut model = Model {
             sam,
             siglip,
             visual_proj,
@@ -220,7 +256,34 @@ impl Model {
             weights_bytes: weights.mapped_bytes(),
             tokenizer,
             cfg,
+            device: None,
         };
+        if let Some(b) = backend {
+            model.check_device_budget(&weights, &b)?;
+            let dw = DeviceWeights::new(b);
+            let total: usize = weights
+                .names()
+                .filter_map(|n| weights.info(n))
+                .map(|i| i.shape.iter().product::<usize>() * 2)
+                .sum();
+            let bar = crate::progress::bytes_bar(total as u64, "uploading weights", true);
+            let base = 0.27 + 0.40;
+            let mut cancelled = None;
+            dw.preload(&weights, &mut |done, _| {
+                bar.set_position(done as u64);
+                let f = done as f32 / total.max(1) as f32;
+                if cancelled.is_none() {
+                    if let Err(e) = progress.report(base + (0.99 - base) * f.min(1.0)) {
+                        cancelled = Some(e);
+                    }
+                }
+            })?;
+            bar.finish_and_clear();
+            if let Some(e) = cancelled {
+                return Err(e);
+            }
+            model.device = Some(Arc::new(dw));
+        }
         progress.report(1.0)?;
         Ok(model)
     }
@@ -238,6 +301,54 @@ impl Model {
         })
     }
 
+    /// The device this model runs on.
+    pub fn device(&self) -> Device {
+        match &self.device {
+            Some(d) => Device::Cuda(d.backend().ordinal()),
+            None => Device::Cpu,
+        }
+    }
+
+    /// The model's weights on the GPU (`None` on the CPU).
+    pub fn device_weights(&self) -> Option<&Arc<DeviceWeights>> {
+        self.device.as_ref()
+    }
+
+    /// A fresh executor for this model's device.
+    fn executor(&self) -> SessionExecutor {
+        match &self.device {
+            Some(d) => SessionExecutor::Cuda(Box::new(CudaExecutor::new(d.clone()))),
+            None => SessionExecutor::Cpu(Executor::new()),
+        }
+    }
+
+    /// A KV cache of `cfg`: on the GPU only the bookkeeping lives on the host.
+    fn new_kv_cache(&self, cfg: KvConfig) -> Result<PagedKvCache> {
+        match &self.device {
+            Some(_) => Ok(PagedKvCache::metadata_only(cfg)),
+            None => PagedKvCache::new(cfg),
+        }
+    }
+
+    /// Fails with `Error::OutOfMemory` naming the parts when the weights (bf16), a session's KV
+    /// pool (bf16) and the planner's peak activations (f32, see [`MemoryPlan`]) do not fit the
+    /// card's free memory.
+    fn check_device_budget(&self, weights: &Weights, b: &CudaBackend) -> Result<()> {
+        let w: usize = weights
+            .names()
+            .filter_map(|n| weights.info(n))
+            .map(|i| i.shape.iter().product::<usize>() * 2)
+            .sum();
+        let plan = self.memory_plan()?;
+        // memory_plan counts the CPU's f32 KV pool; the device pool holds bf16.
+        let kv = (plan.kv_pool / 2) as usize;
+        b.check_budget(&[
+            ("weights (bf16)", w),
+            ("KV pool (bf16)", kv),
+            ("activations (planned peak, f32)", plan.arena as usize),
+        ])
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -249,7 +360,7 @@ impl Model {
     /// Opens a session on `image`: runs the image side once (preprocessing, SAM, SigLIP,
     /// projectors, connector, pixel decoder) and the LLM over the shared prompt prefix.
     pub fn session(&self, image: &RgbImage) -> Result<Session<'_>> {
-        let mut exec = Executor::new();
+        let mut exec = self.executor();
         let mut timings = Timings::default();
         let side = self.image_side(&mut exec, image, &mut timings)?;
 
@@ -257,7 +368,7 @@ impl Model {
         let prefix_tokens = self.prefix_tokens()?;
         let image_block = image_block(&side)?;
         let spliced = splice(&self.llm, &prefix_tokens, Some(&image_block), &[])?;
-        let mut cache = PagedKvCache::new(self.kv_config(spliced.ids.len())?)?;
+        let mut cache = self.new_kv_cache(self.kv_config(spliced.ids.len())?)?;
         let prefix_seq = cache.new_sequence();
         let fwd = self
             .llm
@@ -360,7 +471,7 @@ impl Model {
 
     fn sam_side(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         image: &RgbImage,
         timings: &mut Timings,
     ) -> Result<SamSide> {
@@ -380,7 +491,7 @@ impl Model {
 
     fn image_side(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         image: &RgbImage,
         timings: &mut Timings,
     ) -> Result<ImageSide> {
@@ -489,7 +600,7 @@ fn cat_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// A model bound to one image.
 pub struct Session<'m> {
     model: &'m Model,
-    exec: Executor,
+    exec: SessionExecutor,
     cache: PagedKvCache,
     prefix_seq: SeqId,
     prefix_tokens: Vec<PromptToken>,
@@ -536,6 +647,24 @@ impl<'m> Session<'m> {
         &self.timings
     }
 
+    /// On CUDA: device bytes of the weights, this session's KV pool and its activations' high
+    /// mark, and the nodes that ran on the CPU (by op kind). `None` on the CPU.
+    pub fn device_usage(&self) -> Option<DeviceUsage> {
+        match &self.exec {
+            SessionExecutor::Cpu(_) => None,
+            SessionExecutor::Cuda(e) => Some(DeviceUsage {
+                weights_bytes: e.weights().bytes(),
+                kv_bytes: e.kv_bytes(),
+                peak_activation_bytes: e.peak_activation_bytes(),
+                fallbacks: e
+                    .fallbacks()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
+            }),
+        }
+    }
+
     /// `(height, width)` of the session's image.
     /// Tokens of the shared prompt prefix (template + image block) run at session creation.
     pub fn prefix_len(&self) -> usize {
@@ -546,15 +675,25 @@ impl<'m> Session<'m> {
         self.image_size
     }
 
-    /// Bytes of this session's executor arena (grown to the largest graph run so far).
+    /// Bytes of this session's executor arena (grown to the largest graph run so far); on
+    /// CUDA, the peak of live device activations.
     pub fn arena_bytes(&self) -> usize {
-        self.exec.arena_bytes()
+        match &self.exec {
+            SessionExecutor::Cpu(e) => e.arena_bytes(),
+            SessionExecutor::Cuda(e) => e.peak_activation_bytes(),
+        }
     }
 
-    /// Bytes of this session's KV pool (allocated when the session was opened).
+    /// Bytes of this session's KV pool (allocated when the session was opened: f32 on the CPU,
+    /// bf16 on the GPU).
     pub fn kv_pool_bytes(&self) -> usize {
-        let c = self.cache.config();
-        c.num_blocks * c.bytes_per_block(4)
+        match &self.exec {
+            SessionExecutor::Cpu(_) => {
+                let c = self.cache.config();
+                c.num_blocks * c.bytes_per_block(4)
+            }
+            SessionExecutor::Cuda(e) => e.kv_bytes(),
+        }
     }
 
     /// Runs one request.

@@ -229,3 +229,45 @@ fn decode_through_cache_equals_full_recompute_and_window_releases() {
     let mut o = vec![0f32; q.len()];
     assert!(paged_attention(&cache, s, 0, &q, 10, heads, hd, 0.5, Some(window), &mut o).is_err());
 }
+
+#[test]
+fn metadata_only_cache_records_copy_on_write_instead_of_copying() {
+    use xsam::kv::{KvConfig, PagedKvCache};
+    let cfg = KvConfig {
+        num_layers: 2,
+        kv_dim: 8,
+        block_size: 4,
+        num_blocks: 8,
+    };
+    let mut host = PagedKvCache::new(cfg).unwrap();
+    let mut meta = PagedKvCache::metadata_only(cfg);
+    assert!(meta.is_metadata_only() && !host.is_metadata_only());
+    assert_ne!(host.instance_id(), meta.instance_id());
+    let (a_h, a_m) = (host.new_sequence(), meta.new_sequence());
+    host.append(a_h, 6).unwrap();
+    meta.append(a_m, 6).unwrap();
+    // No host K/V: writes are errors, not panics.
+    assert!(meta.write_rows(a_m, 0, 0, &[0.0; 8], &[0.0; 8]).is_err());
+    let (b_h, b_m) = (host.fork(a_h).unwrap(), meta.fork(a_m).unwrap());
+    assert!(meta.take_block_copies().is_empty());
+    // Appending to the fork's shared partial block copies it: recorded as (old, new).
+    host.append(b_h, 1).unwrap();
+    meta.append(b_m, 1).unwrap();
+    let (ta, tb) = (
+        meta.block_table(a_m).unwrap(),
+        meta.block_table(b_m).unwrap(),
+    );
+    let (old, new) = (ta[1].unwrap(), tb[1].unwrap());
+    assert_ne!(old, new);
+    assert_eq!(meta.take_block_copies(), vec![(old, new)]);
+    assert!(meta.take_block_copies().is_empty(), "drained");
+    // Same bookkeeping as the data-holding cache; a full block is never copied.
+    assert_eq!(
+        host.block_table(b_h).unwrap(),
+        meta.block_table(b_m).unwrap()
+    );
+    assert_eq!(host.take_block_copies(), vec![]);
+    meta.append(b_m, 1).unwrap();
+    assert!(meta.take_block_copies().is_empty());
+    meta.check_consistency().unwrap();
+}

@@ -33,6 +33,42 @@ impl Outputs {
     pub fn into_map(self) -> HashMap<NodeId, Tensor> {
         self.values
     }
+
+    /// For other executors (the CUDA one) that gather the same results.
+    pub(crate) fn from_parts(
+        values: HashMap<NodeId, Tensor>,
+        names: HashMap<String, NodeId>,
+    ) -> Self {
+        Outputs { values, names }
+    }
+}
+
+/// An input of one node run alone on the host (the CUDA executor's per-node fallback).
+pub(crate) enum HostInput<'a> {
+    Data(&'a [f32]),
+    Weight(&'a Tensor),
+}
+
+/// Runs node `id` of `graph` alone on the CPU backend with the given input values (weights read
+/// in place) and returns its f32 output. Not for `Input` nor `PagedAttention` nodes, which need
+/// the executor's feeds and KV cache.
+pub(crate) fn run_node_on_host(
+    graph: &Graph,
+    id: NodeId,
+    inputs: &[HostInput],
+) -> Result<Vec<f32>> {
+    let node = graph.node(id);
+    let vals: Vec<Val> = inputs
+        .iter()
+        .map(|i| match i {
+            HostInput::Data(s) => Val::Arena(s),
+            HostInput::Weight(t) => Val::Weight(t),
+        })
+        .collect();
+    let mut out = vec![0f32; node.shape.numel()];
+    run_node(graph, id, &vals, &mut out, &HashMap::new(), &mut None)
+        .map_err(|e| Error::Graph(format!("node `{}` ({}): {e}", node.name, node.op.kind())))?;
+    Ok(out)
 }
 
 /// Executes graphs on the CPU, reusing its arena across runs.

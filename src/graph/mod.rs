@@ -1,12 +1,15 @@
 //! The thin graph layer. Model code does not execute, it builds: each stage appends named nodes
 //! over the closed [`Op`] enum. The [`planner`] packs intermediates into one arena by liveness
-//! and reports peak bytes; the [`executor`] walks the nodes in order on a backend. Any named node
+//! and reports peak bytes; the [`executor`] walks the nodes in order on the CPU backend, the
+//! [`cuda_executor`] on the CUDA backend (both behind [`GraphExecutor`]). Any named node
 //! can be kept and dumped for comparison with a reference.
 
+pub mod cuda_executor;
 pub mod executor;
 pub mod op;
 pub mod planner;
 
+pub use cuda_executor::{CudaExecutor, DeviceWeights, GraphExecutor};
 pub use executor::{Executor, Outputs};
 pub use op::{Op, SegOp};
 pub use planner::Plan;

@@ -39,6 +39,11 @@ pub fn paged_attention(
     if window == Some(0) {
         return Err(Error::Input("sliding window must be at least 1".into()));
     }
+    if cache.is_metadata_only() {
+        return Err(Error::Graph(
+            "CPU paged attention on a metadata-only KV cache (its K/V live on a device)".into(),
+        ));
+    }
     let kv_heads = cfg.kv_dim / head_dim;
     let group = heads / kv_heads;
     let tq = q.len() / width;

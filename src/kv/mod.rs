@@ -65,7 +65,12 @@ struct Sequence {
     len: usize,
 }
 
-/// The CPU-resident paged cache (f32).
+/// The paged cache: block tables, ref-counts and (on the CPU) the f32 K/V data.
+///
+/// A metadata-only cache ([`PagedKvCache::metadata_only`]) keeps the bookkeeping for K/V that
+/// live elsewhere (the CUDA executor's device pool, same block ids): it holds no K/V storage and
+/// records every copy-on-write block copy instead of performing it, for the owner of the data to
+/// replay ([`take_block_copies`](PagedKvCache::take_block_copies)).
 pub struct PagedKvCache {
     cfg: KvConfig,
     pool: BlockPool,
@@ -73,6 +78,15 @@ pub struct PagedKvCache {
     v: Vec<f32>,
     seqs: HashMap<SeqId, Sequence>,
     next_id: u32,
+    /// `Some` for a metadata-only cache: `(src, dst)` block copies not yet replayed.
+    copies: Option<Vec<(BlockId, BlockId)>>,
+    /// Process-unique, so a device pool can tell which cache it mirrors.
+    instance: u64,
+}
+
+fn next_instance() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl PagedKvCache {
@@ -88,7 +102,41 @@ impl PagedKvCache {
             v: vec![0.0; elems],
             seqs: HashMap::new(),
             next_id: 0,
+            copies: None,
+            instance: next_instance(),
         })
+    }
+
+    /// Bookkeeping only, for K/V stored on a device: no host K/V memory; `write`, `write_rows`
+    /// and CPU paged attention are errors; copy-on-write copies are recorded, not performed.
+    pub fn metadata_only(cfg: KvConfig) -> Self {
+        PagedKvCache {
+            cfg,
+            pool: BlockPool::new(cfg.num_blocks),
+            k: Vec::new(),
+            v: Vec::new(),
+            seqs: HashMap::new(),
+            next_id: 0,
+            copies: Some(Vec::new()),
+            instance: next_instance(),
+        }
+    }
+
+    /// True for a [`metadata_only`](Self::metadata_only) cache.
+    pub fn is_metadata_only(&self) -> bool {
+        self.copies.is_some()
+    }
+
+    /// Identifies this cache (unique in the process).
+    pub fn instance_id(&self) -> u64 {
+        self.instance
+    }
+
+    /// The copy-on-write block copies `(src, dst)` recorded since the last call, in order: the
+    /// owner of the K/V data must copy every layer of block src into dst before writing to dst.
+    /// Always empty for a cache that holds its own data.
+    pub fn take_block_copies(&mut self) -> Vec<(BlockId, BlockId)> {
+        self.copies.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn config(&self) -> &KvConfig {
@@ -186,11 +234,15 @@ impl PagedKvCache {
         if cow {
             if let Some(Some(old)) = blocks.last().copied() {
                 let new = self.pool.alloc()?;
-                for layer in 0..self.cfg.num_layers {
-                    let (src, dst) = (self.base(old, layer), self.base(new, layer));
-                    let len = (seq.len % bs) * self.cfg.kv_dim;
-                    self.k.copy_within(src..src + len, dst);
-                    self.v.copy_within(src..src + len, dst);
+                if let Some(copies) = &mut self.copies {
+                    copies.push((old, new));
+                } else {
+                    for layer in 0..self.cfg.num_layers {
+                        let (src, dst) = (self.base(old, layer), self.base(new, layer));
+                        let len = (seq.len % bs) * self.cfg.kv_dim;
+                        self.k.copy_within(src..src + len, dst);
+                        self.v.copy_within(src..src + len, dst);
+                    }
                 }
                 self.pool.release(old);
                 if let Some(last) = blocks.last_mut() {
@@ -248,6 +300,11 @@ impl PagedKvCache {
                 ),
             ));
         }
+        if self.is_metadata_only() {
+            return Err(Error::Graph(
+                "this KV cache is metadata-only (its K/V live on a device)".into(),
+            ));
+        }
         let (b, slot) = self.slot(s, pos)?;
         if self.pool.refcount(b) > 1 {
             return Err(Error::Graph(format!(
@@ -282,11 +339,15 @@ impl PagedKvCache {
         Ok(())
     }
 
-    /// K and V of one (block, layer): `[block_size, kv_dim]` each.
+    /// K and V of one (block, layer): `[block_size, kv_dim]` each (empty for a block outside
+    /// the pool or a metadata-only cache).
     pub fn block(&self, b: BlockId, layer: usize) -> (&[f32], &[f32]) {
         let at = self.base(b, layer);
         let n = self.block_elems();
-        (&self.k[at..at + n], &self.v[at..at + n])
+        match (self.k.get(at..at + n), self.v.get(at..at + n)) {
+            (Some(k), Some(v)) => (k, v),
+            _ => (&[], &[]),
+        }
     }
 
     /// Releases blocks holding only positions `< first_needed` (no later query can see them

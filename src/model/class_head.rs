@@ -4,7 +4,7 @@
 //! the class table is `[phrases..., bg_embeds]`. The cosine logits themselves are computed in
 //! the mask decoder's prediction head (`exp(logit_scale) · cos`, clamped to ±500).
 
-use crate::graph::Executor;
+use crate::graph::GraphExecutor;
 use crate::model::config::{Config, TokenConfig};
 use crate::model::projector::Projector;
 use crate::weights::VarBuilder;
@@ -77,7 +77,7 @@ impl ClassHead {
     }
 
     /// `proj.llm`: the projected states `[T, E]` of hidden states `[T, D]`.
-    pub fn project(&self, exec: &mut Executor, hidden: &Tensor) -> Result<Tensor> {
+    pub fn project(&self, exec: &mut dyn GraphExecutor, hidden: &Tensor) -> Result<Tensor> {
         self.llm_projector.forward(exec, "proj.llm", hidden)
     }
 
@@ -138,7 +138,7 @@ impl ClassHead {
     /// rule; use the lower-level functions for several).
     pub fn condition(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         hidden: &Tensor,
         ids: &[u32],
     ) -> Result<Conditioning> {

@@ -7,7 +7,7 @@
 //! Outputs `connector.level{i}` `[1, C_i, H_i, W_i]`, highest resolution first (strides 8, 16, 32
 //! in the released model: 512@128², 1024@64², 2048@32²).
 
-use crate::graph::{Executor, Graph, NodeId, Op};
+use crate::graph::{Graph, GraphExecutor, NodeId, Op};
 use crate::model::config::{Config, Shuffle};
 use crate::model::projector::run_graph;
 use crate::weights::VarBuilder;
@@ -139,7 +139,7 @@ impl Connector {
     }
 
     /// Runs the connector alone on one hidden state per level.
-    pub fn forward(&self, exec: &mut Executor, hidden: &[&Tensor]) -> Result<Vec<Tensor>> {
+    pub fn forward(&self, exec: &mut dyn GraphExecutor, hidden: &[&Tensor]) -> Result<Vec<Tensor>> {
         let mut g = Graph::new();
         let ins = hidden
             .iter()

@@ -21,7 +21,7 @@
 //! `final.mask_logits` `[Q, H, W]`.
 
 use crate::graph::op::{SegOp, Unary};
-use crate::graph::{Executor, Graph, NodeId, Op};
+use crate::graph::{Graph, GraphExecutor, NodeId, Op};
 use crate::model::config::{Config, DecoderConfig};
 use crate::model::pixel_decoder::{sine_position_embedding, transpose, Linear, Norm, PosCache};
 use crate::model::projector::run_graph;
@@ -376,7 +376,7 @@ impl MaskDecoder {
     /// `[K+1, hidden]`.
     pub fn forward(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         multi_scale: &[&Tensor],
         mask_features: &Tensor,
         seg_embed: &Tensor,
@@ -397,7 +397,7 @@ impl MaskDecoder {
     /// (e.g. `mask_decoder.pred0.mask_logits`, `mask_decoder.layer1.attn_keep`).
     pub fn forward_keep(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         multi_scale: &[&Tensor],
         mask_features: &Tensor,
         seg_embed: &Tensor,

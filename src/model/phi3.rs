@@ -6,7 +6,7 @@
 //! spliced in by the caller) and returns the post-final-norm hidden state of every position,
 //! which X-SAM reads at `<p>`, `</p>` and `<SEG>`, plus the logits of the last position.
 
-use crate::graph::{Executor, Graph, NodeId, Op, Plan};
+use crate::graph::{Graph, GraphExecutor, NodeId, Op, Plan};
 use crate::kv::{KvConfig, PagedKvCache, SeqId};
 use crate::model::config::LlmConfig;
 use crate::weights::VarBuilder;
@@ -209,7 +209,7 @@ impl Phi3 {
     /// Runs `embeds [T, hidden]` at the end of sequence `seq`, appending their K/V.
     pub fn forward(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         cache: &mut PagedKvCache,
         seq: SeqId,
         embeds: &Tensor,
@@ -244,7 +244,7 @@ impl Phi3 {
 
     /// `lm_head` on post-norm hidden rows `[n, hidden]`: logits `[n * vocab]` (used to report
     /// the prediction after the prompt when the prompt was run together with a forced answer).
-    pub fn logits(&self, exec: &mut Executor, hidden: &Tensor) -> Result<Vec<f32>> {
+    pub fn logits(&self, exec: &mut dyn GraphExecutor, hidden: &Tensor) -> Result<Vec<f32>> {
         let d = self.cfg.hidden_size;
         let n = hidden.dim(0)?;
         if hidden.dims() != [n, d] {
@@ -269,7 +269,7 @@ impl Phi3 {
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         cache: &mut PagedKvCache,
         seq: SeqId,
         prompt: &Tensor,
@@ -295,7 +295,7 @@ impl Phi3 {
     #[allow(clippy::too_many_arguments)]
     pub fn generate_with(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         cache: &mut PagedKvCache,
         seq: SeqId,
         prompt: &Tensor,

@@ -13,7 +13,7 @@
 //! projection (conv1x1 with bias) gives `pixel_decoder.mask_features`.
 
 use crate::graph::op::{SegOp, Unary};
-use crate::graph::{Executor, Graph, NodeId, Op};
+use crate::graph::{Graph, GraphExecutor, NodeId, Op};
 use crate::model::config::{Config, DecoderConfig};
 use crate::model::projector::run_graph;
 use crate::weights::VarBuilder;
@@ -433,7 +433,11 @@ impl PixelDecoder {
 
     /// Runs the pixel decoder alone on the connector outputs; `keep` names extra nodes to
     /// return (e.g. `pixel_decoder.enc0`).
-    pub fn forward(&self, exec: &mut Executor, features: &[&Tensor]) -> Result<PixelDecoderOutput> {
+    pub fn forward(
+        &self,
+        exec: &mut dyn GraphExecutor,
+        features: &[&Tensor],
+    ) -> Result<PixelDecoderOutput> {
         let (out, _) = self.forward_keep(exec, features, &[])?;
         Ok(out)
     }
@@ -441,7 +445,7 @@ impl PixelDecoder {
     /// [`forward`](Self::forward), also returning the named intermediate nodes `keep`.
     pub fn forward_keep(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         features: &[&Tensor],
         keep: &[&str],
     ) -> Result<(PixelDecoderOutput, Vec<Tensor>)> {

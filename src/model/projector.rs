@@ -7,7 +7,7 @@
 //!   (row offset, column offset, c)) → flattened row-major → MLP → `[1, (G/2)², D]` (`proj.seg`);
 //! * `llm_projector`: LLM hidden states `[.., D]` → decoder space `[.., E]` (`proj.llm`).
 
-use crate::graph::{Executor, Graph, NodeId, Op, Plan};
+use crate::graph::{Graph, GraphExecutor, NodeId, Op, Plan};
 use crate::model::config::{Config, Shuffle};
 use crate::weights::VarBuilder;
 use crate::{Error, Result, Tensor};
@@ -142,7 +142,7 @@ impl Projector {
     }
 
     /// Runs the projector alone on `x` (see [`build`](Self::build) for the accepted shapes).
-    pub fn forward(&self, exec: &mut Executor, name: &str, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, exec: &mut dyn GraphExecutor, name: &str, x: &Tensor) -> Result<Tensor> {
         let mut g = Graph::new();
         let input = g.input(format!("{name}.input"), x.shape().clone())?;
         let out = self.build(&mut g, name, input)?;
@@ -166,7 +166,7 @@ impl GraphValues {
 
 /// Plans and runs `g` (its outputs plus `keep`) with the given feeds.
 pub(crate) fn run_graph(
-    exec: &mut Executor,
+    exec: &mut dyn GraphExecutor,
     g: &Graph,
     feeds: &[(NodeId, &Tensor)],
     keep: &[NodeId],

@@ -11,7 +11,7 @@
 //! hidden state run. Hidden states are channels-last `[1, G, G, C]` (interfaces.md §3 names
 //! `sam.hidden_states.{k}`).
 
-use crate::graph::{op::Unary, Executor, Graph, NodeId, Op, Plan};
+use crate::graph::{op::Unary, Graph, GraphExecutor, NodeId, Op, Plan};
 use crate::model::config::{Config, SamConfig};
 use crate::weights::VarBuilder;
 use crate::{Error, Result, Tensor};
@@ -38,7 +38,7 @@ impl EncoderGraph {
     /// Runs the planned graph on `pixel_values` and returns the kept `(k, hidden_states[k])`.
     pub(crate) fn run(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         plan: &Plan,
         pixel_values: &Tensor,
     ) -> Result<Vec<(usize, Tensor)>> {
@@ -207,7 +207,7 @@ impl SamEncoder {
     /// order requested.
     pub fn forward(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         pixel_values: &Tensor,
     ) -> Result<Vec<(usize, Tensor)>> {
         let s = self.cfg.image_size;

@@ -10,7 +10,7 @@
 //! X-SAM reads `hidden_states[select_layer]` (-2: the output of layer L-1) without
 //! `post_layernorm`; layers after the deepest requested state are not built.
 
-use crate::graph::{op::Unary, Executor, Graph, NodeId, Op, Plan};
+use crate::graph::{op::Unary, Graph, GraphExecutor, NodeId, Op, Plan};
 use crate::model::config::VisionConfig;
 use crate::model::sam::{check_indexes, EncoderGraph};
 use crate::weights::VarBuilder;
@@ -165,7 +165,7 @@ impl SiglipEncoder {
     /// Runs on `pixel_values [1, 3, V, V]`; returns `(k, hidden_states[k] [1, N, C])`.
     pub fn forward(
         &self,
-        exec: &mut Executor,
+        exec: &mut dyn GraphExecutor,
         pixel_values: &Tensor,
     ) -> Result<Vec<(usize, Tensor)>> {
         let v = self.cfg.image_size;

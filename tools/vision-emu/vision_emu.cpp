@@ -41,6 +41,23 @@ void gelu_tanh_bf16(const bf16*, bf16*, size_t);
 void gather_rows_bf16_f32(const bf16*, const int*, float*, int, int, int);
 void pos_embed_sine_f32(float*, const float*, int, int, int, float, float, int);
 }
+namespace xsam_tensor {
+struct CopyParams { long long dims[8], src_strides[8], dst_strides[8], src_offset, dst_offset, n; int rank, reserved; };
+}
+extern "C" {
+void mul_f32(const float*, const float*, float*, size_t);
+void scale_f32(const float*, float*, float, size_t);
+void add_row_f32(const float*, const float*, float*, size_t, size_t);
+void add_channel_bias_f32(const float*, const float*, float*, size_t, size_t, size_t);
+void relu_f32(const float*, float*, size_t);
+void silu_f32(const float*, float*, size_t);
+void clamp_f32(const float*, float*, float, float, size_t);
+void mask_keep_f32(const float*, float*, size_t);
+void l2_normalize_f32(const float*, float*, int, float);
+void strided_copy_f32(const float*, float*, xsam_tensor::CopyParams);
+void im2col_f32(const float*, float*, int, int, int, int, int, int, int, int, int);
+void keep_bits_f32(const float*, uint32_t*, int, int);
+}
 
 static std::mt19937_64 rng(7);
 std::vector<float> rnd(size_t n, float lo, float hi) { std::uniform_real_distribution<float> d(lo, hi); std::vector<float> v(n); for (auto& x : v) x = d(rng); return v; }
@@ -400,8 +417,82 @@ void test_more() {
     }
 }
 
+// ---------------------------------------------------------------- tensor_ops.cu (graph executor)
+void test_tensor_ops() {
+    const size_t n = 1000;
+    auto a = rnd(n, -3, 3), b = rnd(n, -3, 3);
+    a[5] = NAN;
+    auto run1 = [&](const char* what, auto launch, auto ref) {
+        std::vector<float> o(n, 12345.f);
+        emu_launch({3}, {64}, 0, [&] { launch(o.data()); });
+        std::vector<double> w(n);
+        for (size_t i = 0; i < n; ++i) w[i] = ref(i);
+        // NaN in, NaN out where the op keeps it: compare those by NaN-ness.
+        bool nan_ok = std::isnan(w[5]) == std::isnan(o[5]);
+        if (!nan_ok) { printf("FAIL %s: NaN handling\n", what); ++fails; }
+        w[5] = 0; o[5] = 0;
+        check(what, o, w, 0, 2e-7);
+    };
+    run1("mul", [&](float* o) { mul_f32(a.data(), b.data(), o, n); }, [&](size_t i) { return (double)(a[i] * b[i]); });
+    run1("scale", [&](float* o) { scale_f32(a.data(), o, -0.37f, n); }, [&](size_t i) { return (double)(a[i] * -0.37f); });
+    run1("add_row", [&](float* o) { add_row_f32(a.data(), b.data(), o, n, 40); }, [&](size_t i) { return (double)(a[i] + b[i % 40]); });
+    run1("add_channel_bias", [&](float* o) { add_channel_bias_f32(a.data(), b.data(), o, n, 25, 8); }, [&](size_t i) { return (double)(a[i] + b[(i / 25) % 8]); });
+    run1("relu", [&](float* o) { relu_f32(a.data(), o, n); }, [&](size_t i) { return (a[i] > 0 || std::isnan(a[i])) ? (double)a[i] : 0.0; });
+    run1("silu", [&](float* o) { silu_f32(a.data(), o, n); }, [&](size_t i) { return a[i] / (1 + std::exp(-(double)a[i])); });
+    run1("clamp", [&](float* o) { clamp_f32(a.data(), o, -0.5f, 1.25f, n); }, [&](size_t i) { return a[i] < -0.5f ? -0.5 : a[i] > 1.25f ? 1.25 : (double)a[i]; });
+    run1("mask_keep", [&](float* o) { mask_keep_f32(a.data(), o, n); }, [&](size_t i) { return std::isnan(a[i]) ? 1.0 : (a[i] >= 0 ? 1.0 : 0.0); });
+    // L2 rows (300 columns: several strides of the 256-thread block)
+    { int rows = 3, cols = 300; auto x = rnd(rows * cols, -1, 1); std::vector<float> o(x.size(), NAN);
+      emu_launch({(unsigned)rows}, {256}, 0, [&] { l2_normalize_f32(x.data(), o.data(), cols, 1e-12f); });
+      std::vector<double> w(x.size());
+      for (int r = 0; r < rows; ++r) { double s = 0; for (int c = 0; c < cols; ++c) s += (double)x[r * cols + c] * x[r * cols + c]; for (int c = 0; c < cols; ++c) w[r * cols + c] = x[r * cols + c] / std::sqrt(s); }
+      check("l2_normalize", o, w, 1e-7, 1e-6); }
+    // strided copy: permute [2,3,4,5] by (2,0,3,1), then a narrow, then a concat part
+    { int d[4] = {2, 3, 4, 5}; auto x = rnd(120, -1, 1);
+      xsam_tensor::CopyParams p{}; int perm[4] = {2, 0, 3, 1}; long long st[4] = {60, 20, 5, 1};
+      long long od[4]; for (int i = 0; i < 4; ++i) { od[i] = d[perm[i]]; p.dims[i] = od[i]; p.src_strides[i] = st[perm[i]]; }
+      p.dst_strides[3] = 1; p.dst_strides[2] = od[3]; p.dst_strides[1] = od[3] * od[2]; p.dst_strides[0] = od[3] * od[2] * od[1];
+      p.n = 120; p.rank = 4; std::vector<float> o(120, NAN);
+      emu_launch({2}, {32}, 0, [&] { strided_copy_f32(x.data(), o.data(), p); });
+      std::vector<double> w(120);
+      for (int i0 = 0; i0 < od[0]; ++i0) for (int i1 = 0; i1 < od[1]; ++i1) for (int i2 = 0; i2 < od[2]; ++i2) for (int i3 = 0; i3 < od[3]; ++i3) {
+          int idx[4] = {i0, i1, i2, i3}; int src[4]; for (int k = 0; k < 4; ++k) src[perm[k]] = idx[k];
+          w[((i0 * od[1] + i1) * od[2] + i2) * od[3] + i3] = x[((src[0] * 3 + src[1]) * 4 + src[2]) * 5 + src[3]]; }
+      check("strided_copy permute", o, w, 0, 0);
+      // x [4, 9, 3] narrowed on axis 1 (start 2, len 5) into the middle of a [4, 12, 3] concat output at row 4
+      auto y = rnd(108, -1, 1); std::vector<float> o2(4 * 12 * 3, 7.f);
+      xsam_tensor::CopyParams q{}; q.rank = 3; q.dims[0] = 4; q.dims[1] = 5; q.dims[2] = 3; q.src_strides[0] = 27; q.src_strides[1] = 3; q.src_strides[2] = 1; q.src_offset = 2 * 3;
+      q.dst_strides[0] = 36; q.dst_strides[1] = 3; q.dst_strides[2] = 1; q.dst_offset = 4 * 3; q.n = 60;
+      emu_launch({1}, {64}, 0, [&] { strided_copy_f32(y.data(), o2.data(), q); });
+      std::vector<double> w2(o2.size(), 7.0);
+      for (int i = 0; i < 4; ++i) for (int j = 0; j < 5; ++j) for (int c = 0; c < 3; ++c) w2[(i * 12 + 4 + j) * 3 + c] = y[(i * 9 + 2 + j) * 3 + c];
+      check("strided_copy narrow into concat", o2, w2, 0, 0); }
+    // im2col: cols . w equals a direct convolution (3x3 pad 1 stride 2 on 5x6, 3 channels)
+    { int cin = 3, h = 5, w = 6, kh = 3, kw = 3, s = 2, pad = 1, oh = (h + 2 * pad - kh) / s + 1, ow = (w + 2 * pad - kw) / s + 1, cout = 4, K = cin * kh * kw;
+      auto x = rnd(cin * h * w, -1, 1), wt = rnd(cout * K, -1, 1); std::vector<float> cols((size_t)K * oh * ow, NAN);
+      emu_launch({2}, {64}, 0, [&] { im2col_f32(x.data(), cols.data(), cin, h, w, kh, kw, s, pad, oh, ow); });
+      std::vector<float> y(cout * oh * ow); std::vector<double> ref(y.size());
+      for (int co = 0; co < cout; ++co) for (int p = 0; p < oh * ow; ++p) {
+          double acc = 0; for (int r = 0; r < K; ++r) acc += (double)wt[co * K + r] * cols[(size_t)r * oh * ow + p]; y[co * oh * ow + p] = (float)acc;
+          int oy = p / ow, ox = p % ow; double d = 0;
+          for (int c = 0; c < cin; ++c) for (int i = 0; i < kh; ++i) for (int j = 0; j < kw; ++j) { int iy = oy * s - pad + i, ix = ox * s - pad + j; if (iy >= 0 && iy < h && ix >= 0 && ix < w) d += (double)wt[co * K + (c * kh + i) * kw + j] * x[(c * h + iy) * w + ix]; }
+          ref[co * oh * ow + p] = d; }
+      check("im2col conv", y, ref, 1e-6, 1e-6); }
+    // keep bits: 70 keys (3 words, 4 allocated), row 1 fully blocked -> all kept
+    { int nq = 3, tk = 70, words = 2 * ((tk + 63) / 64); auto k = rnd(nq * tk, -1, 1);
+      for (auto& v : k) v = v > 0 ? 1.f : 0.f; for (int j = 0; j < tk; ++j) k[tk + j] = 0.f;
+      std::vector<uint32_t> bits(nq * words, 0xdeadbeefu);
+      emu_launch({(unsigned)nq}, {64}, 0, [&] { keep_bits_f32(k.data(), bits.data(), tk, words); });
+      std::vector<float> got, want;
+      for (int r = 0; r < nq; ++r) for (int j = 0; j < words * 32; ++j) {
+          got.push_back((bits[r * words + j / 32] >> (j % 32)) & 1u);
+          want.push_back(j >= tk ? 0.f : r == 1 ? 1.f : k[r * tk + j]); }
+      check("keep_bits", got, wd(want), 0, 0); }
+}
+
 int main() {
     test_msda(); test_region(); test_rows(); test_norm2d(); test_shuffle(); test_resize(); test_misc(); test_more();
+    test_tensor_ops();
     printf("%d failures\n", fails);
     return fails != 0;
 }

@@ -264,6 +264,16 @@ pub struct AttnMaskBits {
 }
 
 impl AttnMaskBits {
+    /// Wraps bits made by another kernel in this layout (`tensor_ops::keep_bits`).
+    pub(crate) fn from_parts(buf: DeviceBuffer, rows: usize, keys: usize, words: usize) -> Self {
+        AttnMaskBits {
+            buf,
+            rows,
+            keys,
+            words,
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }

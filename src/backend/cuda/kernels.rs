@@ -100,6 +100,19 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gather_rows_f32_f32",
     "pos_embed_sine_f32",
     "pos_embed_sine_bf16",
+    // tensor_ops.cu
+    "mul_f32",
+    "scale_f32",
+    "add_row_f32",
+    "add_channel_bias_f32",
+    "relu_f32",
+    "silu_f32",
+    "clamp_f32",
+    "mask_keep_f32",
+    "l2_normalize_f32",
+    "strided_copy_f32",
+    "im2col_f32",
+    "keep_bits_f32",
     // bench.cu
     "bench_spin",
 ];

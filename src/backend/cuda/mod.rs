@@ -17,6 +17,9 @@
 //! - `vision`: launchers of the vision/segmentation kernels (row and 2-D norms, softmax, RoPE,
 //!   activations, resize and the mask post-process, pixel shuffle, deformable attention, region
 //!   pooling, embeddings) and benchmark helpers.
+//! - `tensor_ops`: the graph executor's element-wise and data-movement launchers (mul, scale,
+//!   add_row, relu, silu, clamp, mask_keep, L2-normalise, permute / narrow / concat, im2col
+//!   convolution, masked-attention keep bits).
 //! - `kernels`: what build.rs produced (fatbin, ptxas report path, kernel names).
 
 mod attention;
@@ -27,13 +30,17 @@ mod gemm;
 pub mod kernels;
 mod memory;
 mod ops;
+mod tensor_ops;
 mod vision;
 
-pub use attention::{block_table_i32, AttnMaskBits, DevicePagedKv, FlashMask, ATTENTION_KERNELS};
+pub use attention::{
+    block_table_i32, AttnMaskBits, DeviceIndex, DevicePagedKv, FlashMask, ATTENTION_KERNELS,
+};
 pub use buffer::DeviceBuffer;
 pub use capture::{CapturedGraph, GraphUpdate};
 pub use context::{cuda_available, device_count, driver_version, CudaBackend};
 pub use gemm::{Epilogue, WORKSPACE_BYTES};
 pub use kernels::kernels_compiled;
 pub use memory::{budget_check, human_bytes, PoolStats, UPLOAD_CHUNK_BYTES};
+pub use tensor_ops::MAX_COPY_RANK;
 pub use vision::{Gelu, MapLayout, RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS, MAX_ROW};

@@ -168,7 +168,7 @@ impl CudaBackend {
     }
 
     /// Address of the first element of a contiguous device tensor of dtype `want`.
-    fn addr(&self, op: &'static str, t: &Tensor, want: DType) -> Result<u64> {
+    pub(super) fn addr(&self, op: &'static str, t: &Tensor, want: DType) -> Result<u64> {
         same_dtype(op, want, t)?;
         let buf = self.dev_buf(op, t)?;
         if !t.is_contiguous() {
@@ -231,7 +231,7 @@ impl CudaBackend {
     }
 
     /// Address of an output buffer.
-    fn out_addr(&self, op: &'static str, buf: &DeviceBuffer) -> Result<u64> {
+    pub(super) fn out_addr(&self, op: &'static str, buf: &DeviceBuffer) -> Result<u64> {
         self.addr_range(op, buf, 0, buf.len_bytes())
     }
 
@@ -246,7 +246,11 @@ impl CudaBackend {
         Ok(buf)
     }
 
-    fn new_output(&self, shape: Vec<usize>, dt: DType) -> Result<(DeviceBuffer, crate::Shape)> {
+    pub(super) fn new_output(
+        &self,
+        shape: Vec<usize>,
+        dt: DType,
+    ) -> Result<(DeviceBuffer, crate::Shape)> {
         let shape = crate::Shape::new(shape);
         let bytes = shape
             .checked_numel()

@@ -208,12 +208,14 @@ fn model_dir(a: &BenchArgs) -> Result<PathBuf> {
 
 pub fn run_bench(a: &BenchArgs) -> Result<()> {
     let dev: Device = a.device.parse()?;
-    if !matches!(dev, Device::Cpu) {
-        return Err(Error::Input(format!(
-            "--device {}: the pipeline is not wired to CUDA yet (the CUDA kernels have their own \
-             criterion benches: cargo bench --bench cuda_attention / cuda_vision); use --device cpu",
-            a.device
-        )));
+    if let Device::Cuda(i) = dev {
+        // Checked before the preset is written: no GPU is a user error, in one line.
+        if let Err(e) = xsam::backend::cuda::CudaBackend::new(i) {
+            return Err(Error::Input(format!(
+                "--device {}: CUDA is not usable here: {e}",
+                a.device
+            )));
+        }
     }
     if a.repeats == 0 {
         return Err(Error::Input("--repeats must be at least 1".into()));
@@ -229,6 +231,11 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
     }
     let dir = model_dir(a)?;
     if let Some(stages) = &a.stages {
+        if dev != Device::Cpu {
+            return Err(Error::Input(
+                "--stages runs the stage graphs on the CPU only; drop --device".into(),
+            ));
+        }
         return run_stages(a, &dir, stages);
     }
     let t = Instant::now();
@@ -249,6 +256,7 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
     let image = render::demo_image(1024, 768, 0);
 
     let mut rows: Vec<Row> = vec![];
+    let mut last_device_usage = None;
     let mut prefix_len = 0;
     let mut generated = 0usize;
     let add = |rows: &mut Vec<Row>, stage: &str, ms: f64, pl: usize, g: usize| {
@@ -264,6 +272,7 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
         let measured = rep >= a.warmup;
         let t0 = Instant::now();
         let mut session = model.session(&image)?;
+        last_device_usage = session.device_usage();
         let session_ms = t0.elapsed().as_secs_f64() * 1e3;
         prefix_len = session.prefix_len();
         let image_side: Vec<(String, f64)> = session.timings().0.clone();
@@ -278,6 +287,7 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
             let t1 = Instant::now();
             let out = session.run(&req)?;
             let req_ms = t1.elapsed().as_secs_f64() * 1e3;
+            last_device_usage = session.device_usage();
             if task == "conversation" {
                 generated = out.result.token_ids.len();
             }
@@ -342,9 +352,32 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
         }
     }
     let hwm = vm_hwm_kb();
-    print_table(&rows, &dir, threads, hwm);
+    if let Some(u) = &last_device_usage {
+        let mb = |b: usize| b as f64 / (1u64 << 20) as f64;
+        let in_use = model
+            .device_weights()
+            .and_then(|d| d.backend().mem_info().ok())
+            .map_or("-".to_string(), |(free, total)| {
+                format!(
+                    "{:.0} of {:.0} MB",
+                    mb(total.saturating_sub(free)),
+                    mb(total)
+                )
+            });
+        println!(
+            "device {dev}: weights {:.0} MB, KV pool {:.0} MB, peak live activations {:.0} MB (last session); \
+             in use now {in_use}; CPU fallbacks {:?}",
+            mb(u.weights_bytes),
+            mb(u.kv_bytes),
+            mb(u.peak_activation_bytes),
+            u.fallbacks
+        );
+    }
+    print_table(&rows, &dir, dev, threads, hwm);
     if let Some(p) = &a.json {
-        write_json(p, &rows, &dir, threads, hwm, load_ms, prefix_len, generated)?;
+        write_json(
+            p, &rows, &dir, dev, threads, hwm, load_ms, prefix_len, generated,
+        )?;
     }
     Ok(())
 }
@@ -471,9 +504,9 @@ fn run_stages(a: &BenchArgs, dir: &std::path::Path, stages: &str) -> Result<()> 
         }
     }
     let hwm = vm_hwm_kb();
-    print_table(&rows, dir, threads, hwm);
+    print_table(&rows, dir, Device::Cpu, threads, hwm);
     if let Some(p) = &a.json {
-        write_json(p, &rows, dir, threads, hwm, 0.0, 0, 0)?;
+        write_json(p, &rows, dir, Device::Cpu, threads, hwm, 0.0, 0, 0)?;
     }
     Ok(())
 }
@@ -485,9 +518,9 @@ fn opt(v: Option<f64>, prec: usize) -> String {
     }
 }
 
-fn print_table(rows: &[Row], dir: &std::path::Path, threads: usize, hwm: Option<u64>) {
+fn print_table(rows: &[Row], dir: &std::path::Path, dev: Device, threads: usize, hwm: Option<u64>) {
     println!(
-        "xsam bench: model {}, cpu, {threads} thread(s), peak RSS {} MB",
+        "xsam bench: model {}, {dev}, {threads} thread(s), peak RSS {} MB",
         dir.display(),
         hwm.map(|k| format!("{:.0}", k as f64 / 1024.0))
             .unwrap_or_else(|| "-".into())
@@ -520,6 +553,7 @@ fn write_json(
     p: &std::path::Path,
     rows: &[Row],
     dir: &std::path::Path,
+    dev: Device,
     threads: usize,
     hwm: Option<u64>,
     load_ms: f64,
@@ -544,7 +578,7 @@ fn write_json(
         .collect();
     let v = serde_json::json!({
         "model": dir.display().to_string(),
-        "device": "cpu",
+        "device": dev.to_string(),
         "threads": threads,
         "load_ms": load_ms,
         "prefix_tokens": prefix_len,

@@ -72,11 +72,20 @@ fn split_list(s: &Option<String>) -> Vec<String> {
 }
 
 fn device(d: &Option<String>) -> Result<Device> {
-    match d.as_deref() {
-        // The CUDA pipeline is not wired up yet, so "auto" is the CPU.
-        None | Some("auto") => Ok(Device::Cpu),
-        Some(s) => s.parse(),
+    let dev = match d.as_deref() {
+        // The CUDA pipeline has not run on a GPU yet, so "auto" stays on the CPU.
+        None | Some("auto") => Device::Cpu,
+        Some(s) => s.parse()?,
+    };
+    if let Device::Cuda(i) = dev {
+        // No usable GPU is a user error, in one line, before anything is loaded.
+        if let Err(e) = xsam::backend::cuda::CudaBackend::new(i) {
+            return Err(Error::Input(format!(
+                "--device {dev}: CUDA is not usable here: {e}"
+            )));
+        }
     }
+    Ok(dev)
 }
 
 /// Progress lines on stderr unless quiet.

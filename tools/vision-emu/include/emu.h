@@ -25,6 +25,7 @@
 #include <cstdlib>
 using std::min;
 using std::max;
+using std::isnan;
 
 #define __global__
 #define __device__
@@ -32,6 +33,7 @@ using std::max;
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) alignas(n)
+#define __grid_constant__
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct float2 { float x, y; };
@@ -76,11 +78,23 @@ struct EmuBlock {
     std::unique_ptr<std::barrier<>> block_bar;
     std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
     std::vector<float> warp_buf;
+    std::atomic<int> or_flag{0};
 };
 extern EmuBlock* emu_block;
 thread_local extern int emu_tid;
 
 inline void __syncthreads() { emu_block->block_bar->arrive_and_wait(); }
+// Block-wide OR of `pred`, returned to every thread (a barrier, like the real one).
+inline int __syncthreads_or(int pred) {
+    auto& f = emu_block->or_flag;
+    __syncthreads();  // the previous call's reset is done
+    if (pred) f.store(1);
+    __syncthreads();
+    const int r = f.load();
+    __syncthreads();
+    if (emu_tid == 0) f.store(0);
+    return r;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_block->warp_bar[emu_tid / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int off, int width = 32) {
     (void)width;
