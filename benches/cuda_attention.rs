@@ -23,25 +23,16 @@ mod gpu_common;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use gpu_common::{print_rate, time_median, Rate};
-use half::bf16;
 use std::cell::Cell;
 use std::time::Duration;
 use xsam::backend::cuda::{block_table_i32, CudaBackend, FlashMask};
 use xsam::kv::{KvConfig, PagedKvCache};
 use xsam::Tensor;
 
+/// Seeded bf16 values in [-1, 1) of `shape` (`n` elements) on the device.
 fn rand_bf16(b: &CudaBackend, n: usize, seed: u64, shape: &[usize]) -> Tensor {
-    let mut s = seed;
-    let v: Vec<bf16> = (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
-        .collect();
-    b.to_device(&Tensor::from_vec(v, shape.to_vec()).unwrap())
-        .unwrap()
+    debug_assert_eq!(n, shape.iter().product::<usize>());
+    gpu_common::rand_bf16_in(b, shape, seed, 1.0).expect("uploading bench inputs")
 }
 
 /// One benchmarked operation: what it computes, its work, and a closure that queues it once.

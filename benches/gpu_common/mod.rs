@@ -23,6 +23,16 @@ pub fn rounds(default: usize) -> usize {
 
 /// A bf16 device tensor of seeded values in [-0.1, 0.1).
 pub fn rand_bf16(b: &CudaBackend, shape: &[usize], seed: u64) -> xsam::Result<Tensor> {
+    rand_bf16_in(b, shape, seed, 0.1)
+}
+
+/// A bf16 device tensor of seeded values in [-amp, amp).
+pub fn rand_bf16_in(
+    b: &CudaBackend,
+    shape: &[usize],
+    seed: u64,
+    amp: f32,
+) -> xsam::Result<Tensor> {
     let n: usize = shape.iter().product();
     let mut s = seed;
     let v: Vec<bf16> = (0..n)
@@ -30,7 +40,7 @@ pub fn rand_bf16(b: &CudaBackend, shape: &[usize], seed: u64) -> xsam::Result<Te
             s = s
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 0.2 - 0.1)
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 * amp - amp)
         })
         .collect();
     b.to_device(&Tensor::from_vec(v, shape.to_vec())?)
