@@ -6,6 +6,7 @@
 pub mod executor;
 pub mod op;
 pub mod planner;
+pub mod profile;
 
 pub use executor::{Executor, Outputs};
 pub use op::{Op, SegOp};

@@ -41,6 +41,11 @@ pub struct BenchArgs {
     /// llm_decode_ctx<T> (one token after T cached ones). Comma-separated.
     #[arg(long)]
     stages: Option<String>,
+    /// With --stages: also time every graph node and print, per stage, the time per op kind
+    /// over the measured runs (share of the stage, GFLOP/s of the products). Adds a clock read
+    /// per node; same as setting XSAM_PROFILE_OPS=1.
+    #[arg(long, requires = "stages")]
+    profile_ops: bool,
     /// Write the table as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -365,9 +370,18 @@ fn run_stages(a: &BenchArgs, dir: &std::path::Path, stages: &str) -> Result<()> 
     let mut exec = Executor::new();
     let mut rows: Vec<Row> = vec![];
     let n = a.warmup + a.repeats;
-    let time = |rows: &mut Vec<Row>, row: Row, f: &mut dyn FnMut() -> Result<()>| {
+    if a.profile_ops {
+        xsam::graph::profile::set_enabled(true);
+    }
+    let profiling = xsam::graph::profile::enabled();
+    let mut profiles: Vec<String> = vec![];
+    let mut time = |rows: &mut Vec<Row>, row: Row, f: &mut dyn FnMut() -> Result<()>| {
         let mut row = row;
         for i in 0..n {
+            if profiling && i == a.warmup {
+                // Drop what the warm-up runs (and any setup) recorded.
+                xsam::graph::profile::take();
+            }
             let t = Instant::now();
             f()?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -377,6 +391,15 @@ fn run_stages(a: &BenchArgs, dir: &std::path::Path, stages: &str) -> Result<()> 
             if i >= a.warmup {
                 row.ms.push(ms);
             }
+        }
+        if profiling {
+            let t = xsam::graph::profile::take();
+            profiles.push(format!(
+                "op profile: {}, mean of {} measured run(s) (host clock per node)\n{}",
+                row.stage,
+                a.repeats,
+                xsam::graph::profile::format_table(&t, a.repeats)
+            ));
         }
         rows.push(row);
         Ok::<(), Error>(())
@@ -469,6 +492,9 @@ fn run_stages(a: &BenchArgs, dir: &std::path::Path, stages: &str) -> Result<()> 
                 "unknown stage {stage:?} (sam_encoder, siglip_encoder, llm_prefill_<T>, llm_decode_ctx<T>)"
             )));
         }
+    }
+    for p in &profiles {
+        println!("{p}");
     }
     let hwm = vm_hwm_kb();
     print_table(&rows, dir, threads, hwm);
