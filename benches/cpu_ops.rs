@@ -365,7 +365,8 @@ fn elementwise(c: &mut Criterion) {
         })
     });
     // SigLIP MLP hidden (tanh GELU), SAM MLP hidden (erf GELU), a ReLU of the decoder FFN
-    let cases: [(&str, usize, fn(&mut [f32])); 3] = [
+    type InPlace = fn(&mut [f32]);
+    let cases: [(&str, usize, InPlace); 3] = [
         ("gelu_tanh_siglip_729x4304", 729 * 4304, cpu::gelu_tanh),
         ("gelu_erf_sam_4096x4096", 4096 * 4096, cpu::gelu_erf),
         ("relu_decoder_200x2048", 200 * 2048, cpu::relu),

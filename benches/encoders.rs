@@ -58,7 +58,8 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    for (label, medium) in [("medium", true)] {
+    {
+        let (label, medium) = ("medium", true);
         let cfg = config(medium);
         let dir = tempfile::tempdir().expect("tempdir");
         xsam::init::write_random_model(&cfg, dir.path(), 1, false)

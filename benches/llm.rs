@@ -44,7 +44,8 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10)
         .measurement_time(Duration::from_secs(5))
         .warm_up_time(Duration::from_secs(1));
-    for (name, medium, t) in [("medium", true, 256usize)] {
+    {
+        let (name, medium, t) = ("medium", true, 256usize);
         let b = model(name, medium);
         let x = embeds(&b.model, t);
         let mut exec = Executor::new();
