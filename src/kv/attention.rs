@@ -88,8 +88,8 @@ pub fn paged_attention(
                 let mut bmax = f32::NEG_INFINITY;
                 for t in s0..s1 {
                     let kr = &kb[t * cfg.kv_dim + kvh..][..head_dim];
-                    // A plain `.sum()` is one serial add chain (no reassociation): the lane-
-                    // split dot keeps decode attention at memory speed.
+                    // A plain `.sum()` is one serial add chain (no reassociation, no SIMD);
+                    // the backend's lane-split dot vectorises.
                     let d = dot_f32(qh, kr) * scale;
                     scores[t] = d;
                     bmax = bmax.max(d);
