@@ -7,7 +7,7 @@
 //! (released) geometry too when `XSAM_BENCH_FULL=1`: the random full model (9.25 GB) is written
 //! once by the crate's init code into `XSAM_BENCH_FULL_DIR` (default `xsam-bench/model-full`,
 //! the same cache `xsam bench --preset full` uses) and reused. A full SAM iteration takes 20 s or
-//! more on a 2-core machine and criterion needs 10 of them: budget ~30 minutes for the full set.
+//! more on a 2-core machine and criterion needs 10 of them: the full set took 14 minutes there.
 //!
 //! Run: `cargo bench --bench stages` (tiny), `XSAM_BENCH_FULL=1 cargo bench --bench stages`.
 
@@ -76,6 +76,7 @@ fn stages(c: &mut Criterion, label: &str, dir: &Path, prefill: usize, ctx: usize
     drop(sam);
     let seg_proj = Projector::seg(&root, &cfg).expect("seg projector");
     let hs = state(&sam_hidden, cfg.seg_select_index());
+    // projectors: elements are the input values (their FLOPs are counted together in flops.rs)
     g.throughput(Throughput::Elements(hs.numel() as u64));
     g.bench_function("seg_projector", |b| {
         b.iter(|| {
