@@ -2,12 +2,16 @@
 downloads), random weights, timed on CPU or CUDA, with the same table and the same stage names.
 
     python reference/bench_torch.py [--preset full|tiny] [--device cpu|cuda] [--threads N] [--repeats 3]
-        [--warmup 1] [--stages sam_encoder,siglip_encoder,llm_prefill_256,llm_prefill_1024,llm_decode_ctx1024]
+        [--warmup 1] [--stages sam_encoder,siglip_encoder,pixel_decoder,mask_decoder,llm_prefill_256,...]
         [--dtype f32|bf16] [--json OUT.json]
 
 Stages: SamVisionEncoder at image_size² (pre-neck blocks, as X-SAM uses them), SiglipVisionModel with the used layers
 only (num_hidden_layers + 1 + select_layer, no head), Phi3ForCausalLM prefill of T tokens (logits of the last
-position only) and one decode step after T cached tokens (DynamicCache, cropped back to T after each step). Weights are random
+position only) and one decode step after T cached tokens (DynamicCache, cropped back to T after each step);
+pixel_decoder = transformers' Mask2FormerPixelDecoder (6 MSDeformAttn encoder layers over the three connector maps, one
+FPN level, mask projection) and mask_decoder = Mask2FormerMaskedAttentionDecoder (9 layers, 10 mask predictions) with
+X-SAM's glue (the <SEG> embedding added to the 200 query features, a cosine class head over a table of 10 phrases +
+background), both configured to X-SAM's geometry (docs/xsam-architecture.md §9-§11). Weights are random
 (torch default init): speed does not depend on values. f32 on CPU, bf16 on CUDA by default; SDPA attention where
 transformers offers it (SigLIP, Phi-3; transformers' SAM vision attention is eager-only). GPU timing uses CUDA events
 after warm-up. Needs only torch + transformers + numpy.
@@ -23,6 +27,11 @@ import time
 
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers.models.mask2former.configuration_mask2former import Mask2FormerConfig
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerPixelDecoder,
+    Mask2FormerTransformerModule,
+)
 from transformers.models.sam.configuration_sam import SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionEncoder
 
@@ -39,6 +48,9 @@ PRESETS = {
                        image_size=384, patch_size=14, select_layer=-2),
         "sam": dict(hidden_size=1024, mlp_dim=4096, num_hidden_layers=24, num_attention_heads=16, image_size=1024,
                     patch_size=16, window_size=14, global_attn_indexes=[5, 11, 17, 23]),
+        "decoder": dict(hidden_dim=256, mask_feature_size=256, num_queries=200, encoder_layers=6,
+                        encoder_feedforward_dim=1024, decoder_layers=10, dim_feedforward=2048, num_attention_heads=8,
+                        encoder_n_points=4),
     },
     "tiny": {
         "llm": dict(vocab_size=32014, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -48,6 +60,11 @@ PRESETS = {
                        image_size=56, patch_size=14, select_layer=-2),
         "sam": dict(hidden_size=32, mlp_dim=64, num_hidden_layers=4, num_attention_heads=2, image_size=128,
                     patch_size=16, window_size=3, global_attn_indexes=[1, 3]),
+        # torch's GroupNorm in the Mask2Former modules is fixed at 32 groups (xsam's tiny preset uses 8): the
+        # hidden size 32 keeps the shapes of xsam's tiny preset.
+        "decoder": dict(hidden_dim=32, mask_feature_size=32, num_queries=10, encoder_layers=2,
+                        encoder_feedforward_dim=64, decoder_layers=5, dim_feedforward=64, num_attention_heads=4,
+                        encoder_n_points=4),
     },
 }
 
@@ -77,6 +94,37 @@ def siglip_flops(v):
     d, n = v["hidden_size"], (v["image_size"] // v["patch_size"]) ** 2
     layer = n * (4 * d * d + 2 * d * v["intermediate_size"]) + 2 * n * n * d
     return 2.0 * (n * 3 * v["patch_size"] ** 2 * d + siglip_layers(v) * layer)
+
+
+def connector_maps(sam):
+    """(channels, side) of the connector outputs, highest resolution first (scales 2, 1, 0.5: §8)."""
+    h, g = sam["hidden_size"], sam["image_size"] // sam["patch_size"]
+    return [(h // 2, 2 * g), (h, g), (2 * h, g // 2)]
+
+
+def pixel_levels(sam):
+    """Token counts of the connector levels, scale factors 2, 1, 0.5 (src/flops.rs pixel_levels)."""
+    return [s * s for _, s in connector_maps(sam)]
+
+
+def pixel_decoder_flops(sam, d):
+    """src/flops.rs pixel_decoder: the deformable-attention encoder layers over all levels."""
+    e, n = d["hidden_dim"], sum(pixel_levels(sam))
+    hlp = d["num_attention_heads"] * 3 * d["encoder_n_points"]
+    per_token = 2 * e * e + e * hlp * 3 + 2 * e * d["encoder_feedforward_dim"]
+    return 2.0 * d["encoder_layers"] * n * per_token
+
+
+def mask_decoder_flops(sam, d):
+    """src/flops.rs mask_decoder: masked cross-attention, self-attention, FFN per layer, mask predictions."""
+    e, q, levels = d["hidden_dim"], d["num_queries"], pixel_levels(sam)
+    macs = 0.0
+    for i in range(d["decoder_layers"]):
+        s = levels[i % len(levels)]
+        macs += 2 * s * e * e + 2 * q * s * e
+        macs += q * (8 * e * e + 2 * e * d["dim_feedforward"]) + 2 * q * q * e
+    macs += (d["decoder_layers"] + 1) * q * e * max(levels)
+    return 2.0 * macs
 
 
 def llm_layer_linear(l):
@@ -142,6 +190,54 @@ def build_phi3(l, dtype, device, attn):
         attention_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation=attn,
     )
     return Phi3ForCausalLM(cfg).eval().requires_grad_(False).to(device=device, dtype=dtype)
+
+
+def mask2former_config(d):
+    return Mask2FormerConfig(
+        feature_size=d["hidden_dim"], mask_feature_size=d["mask_feature_size"], hidden_dim=d["hidden_dim"],
+        encoder_feedforward_dim=d["encoder_feedforward_dim"], encoder_layers=d["encoder_layers"],
+        decoder_layers=d["decoder_layers"], num_attention_heads=d["num_attention_heads"], dropout=0.0,
+        dim_feedforward=d["dim_feedforward"], pre_norm=False, enforce_input_projection=False, common_stride=4,
+        feature_strides=[4, 8, 16, 32], num_queries=d["num_queries"], activation_function="relu",
+    )
+
+
+def build_pixel_decoder(sam, d, dtype, device):
+    """Mask2FormerPixelDecoder over the connector maps [512@128², 1024@64², 2048@32²] (full preset)."""
+    maps = connector_maps(sam)
+    m = Mask2FormerPixelDecoder(mask2former_config(d), feature_channels=[c for c, _ in maps])
+    with torch.no_grad():  # nn.Parameter(torch.Tensor(...)) is left uninitialised by the module
+        m.level_embed.normal_()
+    m = m.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    feats = [torch.randn(1, c, s, s, device=device, dtype=dtype) for c, s in maps]
+    return (lambda: m(feats)), m, feats
+
+
+def build_mask_decoder(d, dtype, device, classes=10):
+    """Mask2FormerTransformerModule's decoder with X-SAM's glue: <SEG> added to the query features, cosine class
+    logits of the final query states against [phrases..., background] scaled by exp(logit_scale), clamped."""
+    m = Mask2FormerTransformerModule(d["hidden_dim"], mask2former_config(d))
+    m = m.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    e = d["hidden_dim"]
+    seg = torch.randn(e, device=device, dtype=dtype)
+    table = torch.randn(classes + 1, e, device=device, dtype=dtype)
+    logit_scale = torch.tensor(2.659, device=device, dtype=dtype)
+
+    def run(multi_scale, mask_features):
+        feats, pos, sizes = [], [], []
+        for i in range(3):
+            x = multi_scale[i]
+            sizes.append(x.shape[-2:])
+            pos.append(m.position_embedder(x.shape, x.device, x.dtype, None).flatten(2).permute(2, 0, 1))
+            feats.append((m.input_projections[i](x).flatten(2) + m.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+        queries = (m.queries_features.weight + seg).unsqueeze(1)
+        out = m.decoder(inputs_embeds=queries, multi_stage_positional_embeddings=pos, pixel_embeddings=mask_features,
+                        encoder_hidden_states=feats, query_position_embeddings=m.queries_embedder.weight.unsqueeze(1),
+                        feature_size_list=sizes, return_dict=True)
+        q = torch.nn.functional.normalize(out.intermediate_hidden_states[-1].transpose(0, 1), dim=-1)
+        cls = (logit_scale.exp() * q @ torch.nn.functional.normalize(table, dim=-1).T).clamp(-500, 500)
+        return cls, out.masks_queries_logits[-1]
+    return run
 
 
 # ---- timing ----
@@ -213,6 +309,18 @@ def main():
                 px = torch.randn(1, 3, P["vision"]["image_size"], P["vision"]["image_size"], device=dev, dtype=dtype)
                 fl = siglip_flops(P["vision"])
                 fn = lambda: run(px)  # noqa: E731
+            elif stage == "pixel_decoder":
+                fn, _, _ = build_pixel_decoder(P["sam"], P["decoder"], dtype, dev)
+                fl = pixel_decoder_flops(P["sam"], P["decoder"])
+            elif stage == "mask_decoder":
+                # its inputs: a pixel-decoder run on random connector maps (multi-scale lowest resolution first)
+                pd_fn, _, _ = build_pixel_decoder(P["sam"], P["decoder"], dtype, dev)
+                pd_out = pd_fn()
+                ms, mf = list(pd_out.multi_scale_features), pd_out.mask_features
+                del pd_fn, pd_out
+                run_dec = build_mask_decoder(P["decoder"], dtype, dev)
+                fl = mask_decoder_flops(P["sam"], P["decoder"])
+                fn = lambda: run_dec(ms, mf)  # noqa: E731
             elif stage.startswith("llm_prefill_"):
                 t = int(stage[len("llm_prefill_"):])
                 phi3 = phi3 or build_phi3(P["llm"], dtype, dev, a.attn)

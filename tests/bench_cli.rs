@@ -80,7 +80,8 @@ fn single_stages_on_the_tiny_preset() {
         ])
         .args([
             "--stages",
-            "sam_encoder,siglip_encoder,llm_prefill_16,llm_decode_ctx16",
+            "sam_encoder,siglip_encoder,pixel_decoder,mask_decoder,llm_prefill_16,llm_decode_ctx16",
+            "--profile-ops",
         ])
         .arg("--cache-dir")
         .arg(&d)
@@ -92,7 +93,16 @@ fn single_stages_on_the_tiny_preset() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("| llm_decode_ctx16 "), "{stdout}");
+    for stage in ["pixel_decoder", "mask_decoder", "llm_decode_ctx16"] {
+        assert!(stdout.contains(&format!("| {stage} ")), "{stdout}");
+    }
+    // --profile-ops: a per-op table per stage, before the stage table; the encoders' time is
+    // mostly in linear nodes and the pixel decoder runs its deformable attention.
+    let profile = stdout.find("op profile: sam_encoder").expect("sam profile");
+    assert!(profile < stdout.rfind("| stage").unwrap_or(0), "{stdout}");
+    let sam_table = &stdout[profile..];
+    assert!(sam_table.contains("| linear "), "{stdout}");
+    assert!(stdout.contains("| ms_deform_attn "), "{stdout}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! output range while reading its inputs' ranges (the plan guarantees they are disjoint).
 
 use super::op::Unary;
-use super::{Graph, NodeId, Op, Plan};
+use super::{profile, Graph, NodeId, Op, Plan};
 use crate::backend::cpu::{self, AttnMask, WeightRef};
 use crate::kv::{attention::paged_attention, PagedKvCache, SeqId};
 use crate::{Error, Result, Tensor};
@@ -160,9 +160,11 @@ impl Executor {
                     ))),
                 })
                 .collect::<Result<_>>()?;
+            let t0 = profile::start();
             run_node(graph, id, &vals, out, &feeds, &mut kv).map_err(|e| {
                 Error::Graph(format!("node `{}` ({}): {e}", node.name, node.op.kind()))
             })?;
+            profile::record(graph, node, t0);
         }
         let mut values = HashMap::new();
         let mut names = HashMap::new();

@@ -8,6 +8,7 @@ pub mod cuda_executor;
 pub mod executor;
 pub mod op;
 pub mod planner;
+pub mod profile;
 
 pub use cuda_executor::{CudaExecutor, DeviceWeights, GraphExecutor};
 pub use executor::{Executor, Outputs};

@@ -3,6 +3,7 @@
 //! key j iff `0 <= i - j < window`. Online softmax in f32, parallel over (query, head).
 
 use super::{PagedKvCache, SeqId};
+use crate::backend::cpu::{dot_f32, exp_f32};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -92,16 +93,18 @@ pub fn paged_attention(
                 let mut bmax = f32::NEG_INFINITY;
                 for t in s0..s1 {
                     let kr = &kb[t * cfg.kv_dim + kvh..][..head_dim];
-                    let d: f32 = qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    // A plain `.sum()` is one serial add chain (no reassociation, no SIMD);
+                    // the backend's lane-split dot vectorises.
+                    let d = dot_f32(qh, kr) * scale;
                     scores[t] = d;
                     bmax = bmax.max(d);
                 }
                 let new_m = m.max(bmax);
-                let corr = (m - new_m).exp();
+                let corr = exp_f32(m - new_m);
                 l *= corr;
                 acc.iter_mut().for_each(|a| *a *= corr);
                 for t in s0..s1 {
-                    let w = (scores[t] - new_m).exp();
+                    let w = exp_f32(scores[t] - new_m);
                     l += w;
                     let vr = &vb[t * cfg.kv_dim + kvh..][..head_dim];
                     acc.iter_mut().zip(vr).for_each(|(a, v)| *a += w * v);

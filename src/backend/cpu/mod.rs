@@ -30,6 +30,7 @@ pub use resize::{grid_sample_bilinear, resize_bilinear};
 pub use rope::rope;
 pub use sam_attention::{sam_attention, SamAttnGeom};
 pub use shuffle::{pixel_shuffle_down, pixel_shuffle_up};
+pub(crate) use simd::{dot_f32, exp_f32};
 
 use crate::{Error, Result};
 

@@ -37,10 +37,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     max_new_tokens: usize,
     /// Instead of tasks, time single stages straight from the weights (same names as
-    /// reference/bench_torch.py): sam_encoder, siglip_encoder, llm_prefill_<T>,
-    /// llm_decode_ctx<T> (one token after T cached ones). Comma-separated.
+    /// reference/bench_torch.py): sam_encoder, siglip_encoder, pixel_decoder, mask_decoder,
+    /// llm_prefill_<T>, llm_decode_ctx<T> (one token after T cached ones). Comma-separated.
     #[arg(long)]
     stages: Option<String>,
+    /// With --stages: also time every graph node and print, per stage, the time per op kind
+    /// over the measured runs (share of the stage, GFLOP/s of the products). Adds a clock read
+    /// per node; same as setting XSAM_PROFILE_OPS=1.
+    #[arg(long, requires = "stages")]
+    profile_ops: bool,
     /// Write the table as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -398,9 +403,18 @@ fn run_stages(a: &BenchArgs, dir: &std::path::Path, stages: &str) -> Result<()> 
     let mut exec = Executor::new();
     let mut rows: Vec<Row> = vec![];
     let n = a.warmup + a.repeats;
-    let time = |rows: &mut Vec<Row>, row: Row, f: &mut dyn FnMut() -> Result<()>| {
+    if a.profile_ops {
+        xsam::graph::profile::set_enabled(true);
+    }
+    let profiling = xsam::graph::profile::enabled();
+    let mut profiles: Vec<String> = vec![];
+    let mut time = |rows: &mut Vec<Row>, row: Row, f: &mut dyn FnMut() -> Result<()>| {
         let mut row = row;
         for i in 0..n {
+            if profiling && i == a.warmup {
+                // Drop what the warm-up runs (and any setup) recorded.
+                xsam::graph::profile::take();
+            }
             let t = Instant::now();
             f()?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -410,6 +424,15 @@ fn run_stages(a: &BenchArgs, dir: &std::path::Path, stages: &str) -> Result<()> 
             if i >= a.warmup {
                 row.ms.push(ms);
             }
+        }
+        if profiling {
+            let t = xsam::graph::profile::take();
+            profiles.push(format!(
+                "op profile: {}, mean of {} measured run(s) (host clock per node)\n{}",
+                row.stage,
+                a.repeats,
+                xsam::graph::profile::format_table(&t, a.repeats)
+            ));
         }
         rows.push(row);
         Ok::<(), Error>(())
@@ -449,6 +472,48 @@ fn run_stages(a: &BenchArgs, dir: &std::path::Path, stages: &str) -> Result<()> 
                 flop_row(flops::siglip_encoder(&cfg), None),
                 &mut || sig.forward(&mut exec, &px).map(|_| ()),
             )?;
+        } else if stage == "pixel_decoder" || stage == "mask_decoder" {
+            // Inputs as reference/bench_torch.py builds them: random connector maps (highest
+            // resolution first); the mask decoder reads a pixel-decoder run on them, a random
+            // <SEG> embedding and a class table of 10 phrases + background.
+            use xsam::model::mask_decoder::MaskDecoder;
+            use xsam::model::pixel_decoder::PixelDecoder;
+            let random = |dims: Vec<usize>, seed: u64| -> Result<Tensor> {
+                let mut r = xsam::init::SplitMix64::new(seed);
+                let n = dims.iter().product();
+                Tensor::from_f32((0..n).map(|_| 2.0 * r.next_f32() - 1.0).collect(), dims)
+            };
+            let maps = cfg
+                .connector_out_channels()
+                .into_iter()
+                .zip(cfg.connector_out_sides())
+                .enumerate()
+                .map(|(i, (c, s))| random(vec![1, c, s, s], 100 + i as u64))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&Tensor> = maps.iter().collect();
+            let pd = PixelDecoder::load(&root, &cfg)?;
+            if stage == "pixel_decoder" {
+                time(
+                    &mut rows,
+                    flop_row(flops::pixel_decoder(&cfg), None),
+                    &mut || pd.forward(&mut exec, &refs).map(|_| ()),
+                )?;
+            } else {
+                let px = pd.forward(&mut exec, &refs)?;
+                let ms: Vec<&Tensor> = px.multi_scale.iter().collect();
+                let e = cfg.decoder.hidden_dim;
+                let seg = random(vec![e], 1)?;
+                let table = random(vec![11, e], 2)?;
+                let dec = MaskDecoder::load(&root, &cfg)?;
+                time(
+                    &mut rows,
+                    flop_row(flops::mask_decoder(&cfg), None),
+                    &mut || {
+                        dec.forward(&mut exec, &ms, &px.mask_features, &seg, &table)
+                            .map(|_| ())
+                    },
+                )?;
+            }
         } else if stage.starts_with("llm_prefill_") || stage.starts_with("llm_decode_ctx") {
             if llm.is_none() {
                 llm = Some(Phi3::load(&root.pp("llm"), &cfg.llm)?);
@@ -499,9 +564,13 @@ fn run_stages(a: &BenchArgs, dir: &std::path::Path, stages: &str) -> Result<()> 
             }
         } else {
             return Err(Error::Input(format!(
-                "unknown stage {stage:?} (sam_encoder, siglip_encoder, llm_prefill_<T>, llm_decode_ctx<T>)"
+                "unknown stage {stage:?} (sam_encoder, siglip_encoder, pixel_decoder, mask_decoder, \
+                 llm_prefill_<T>, llm_decode_ctx<T>)"
             )));
         }
+    }
+    for p in &profiles {
+        println!("{p}");
     }
     let hwm = vm_hwm_kb();
     print_table(&rows, dir, Device::Cpu, threads, hwm);
