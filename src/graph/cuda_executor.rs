@@ -307,7 +307,8 @@ pub fn not_capturable(graph: &Graph) -> Option<String> {
             Op::Gather { .. } => true,
             Op::SamAttention { .. } => node.inputs.len() != 4,
             Op::Attention { heads, causal, .. } => {
-                let hd = graph.shape(node.inputs[0]).dims()[1] / heads.max(&1);
+                let width = graph.shape(node.inputs[0]).dims().get(1).copied();
+                let hd = width.unwrap_or(0) / heads.max(&1);
                 node.inputs.len() == 3 && hd == 32 && !causal
             }
             Op::PagedAttention { pos0, head_dim, .. } => {
@@ -477,6 +478,21 @@ impl CudaExecutor {
     ) -> Result<Outputs> {
         let b = self.backend.clone();
         let feeds: HashMap<NodeId, &Tensor> = inputs.iter().copied().collect();
+        // Inputs are checked before the cache entry is taken out, so a bad feed keeps it.
+        for (id, node) in graph.nodes().iter().enumerate() {
+            if let Op::Input(s) = &node.op {
+                let t = feeds.get(&id).ok_or_else(|| {
+                    Error::Input(format!("no value fed for input `{}`", node.name))
+                })?;
+                if t.shape() != s {
+                    return Err(Error::Input(format!(
+                        "input `{}` expects shape {s}, got {}",
+                        node.name,
+                        t.shape()
+                    )));
+                }
+            }
+        }
         let mut entry = match self.captured.remove(&keys.structure) {
             Some(e) => e,
             None => Captured::new(&b, graph, &plan.keep, |id| {
@@ -484,18 +500,9 @@ impl CudaExecutor {
             })?,
         };
         for (id, buf) in &entry.inputs {
-            let node = graph.node(*id);
             let t = feeds
                 .get(id)
-                .ok_or_else(|| Error::Input(format!("no value fed for input `{}`", node.name)))?;
-            if t.shape() != &node.shape {
-                return Err(Error::Input(format!(
-                    "input `{}` expects shape {}, got {}",
-                    node.name,
-                    node.shape,
-                    t.shape()
-                )));
-            }
+                .ok_or_else(|| Error::Graph(format!("input {id} vanished")))?;
             let d = b.cast(&b.to_device(t)?, DType::F32)?;
             b.copy_into(&d, buf)?;
         }
@@ -641,6 +648,10 @@ impl CudaExecutor {
             } = node.op
             {
                 self.rope_freqs(head_dim, theta)?;
+            }
+            if matches!(node.op, Op::Reshape(_)) {
+                // A reshaped weight is fetched by the reshape's consumers, in their form.
+                continue;
             }
             for (i, &inp) in node.inputs.iter().enumerate() {
                 if let Some(w) = self.weight_root(graph, inp) {
