@@ -20,6 +20,12 @@
 //!   and ref-counts); K/V live in a [`DevicePagedKv`] owned by this executor, created to the
 //!   cache's geometry, and every copy-on-write copy the cache recorded is replayed on the device
 //!   before the run writes anything.
+//! - CUDA graphs (on unless `XSAM_CUDA_GRAPHS=0`; [`CudaExecutor::set_cuda_graphs`]): a graph
+//!   [`not_capturable`] accepts runs as a captured graph, cached by structure
+//!   ([`capture_key`](super::capture_key)) with persistent input / output / block-table / slot
+//!   buffers written before the launch: replayed as is when every kernel argument repeats,
+//!   captured again and applied with `cuGraphExecUpdate` when only run-time scalars changed
+//!   (each decode step). See `run_captured`; [`CudaExecutor::graph_stats`] counts the paths.
 
 use super::capture_key::{capture_keys, CaptureKeys};
 use super::executor::{run_node_on_host, HostInput};
