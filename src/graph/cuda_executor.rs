@@ -609,10 +609,13 @@ impl CudaExecutor {
                 // inputs, so the eager walk reads those.
                 self.stats.rejected += 1;
                 self.rejected.insert(keys.structure);
-                note_fallback(
-                    "cuda graph",
-                    &format!("capture failed, running eagerly: {e}"),
-                );
+                static NOTED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !NOTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!(
+                        "note: cuda: a CUDA graph capture failed; that graph runs eagerly: {e}"
+                    );
+                }
                 let ins = std::mem::take(&mut entry.inputs);
                 let dev_feeds: HashMap<NodeId, Tensor> = ins.into_iter().collect();
                 let host: Vec<(NodeId, &Tensor)> = dev_feeds.iter().map(|(k, v)| (*k, v)).collect();
