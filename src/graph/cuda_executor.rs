@@ -20,14 +20,22 @@
 //!   and ref-counts); K/V live in a [`DevicePagedKv`] owned by this executor, created to the
 //!   cache's geometry, and every copy-on-write copy the cache recorded is replayed on the device
 //!   before the run writes anything.
+//! - CUDA graphs (on unless `XSAM_CUDA_GRAPHS=0`; [`CudaExecutor::set_cuda_graphs`]): a graph
+//!   [`not_capturable`] accepts runs as a captured graph, cached by structure
+//!   ([`capture_key`](super::capture_key)) with persistent input / output / block-table / slot
+//!   buffers written before the launch: replayed as is when every kernel argument repeats,
+//!   captured again and applied with `cuGraphExecUpdate` when only run-time scalars changed
+//!   (each decode step). See `run_captured`; [`CudaExecutor::graph_stats`] counts the paths.
 
+use super::capture_key::{capture_keys, CaptureKeys};
 use super::executor::{run_node_on_host, HostInput};
 use super::op::{SegOp, Unary};
 use super::{Executor, Graph, NodeId, Op, Outputs, Plan};
 use crate::backend::cpu::{self, AttnMask};
 use crate::backend::cuda::{
-    block_table_i32, CudaBackend, DeviceIndex, DevicePagedKv, Epilogue, FlashMask, Gelu, MapLayout,
-    RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS, MAX_COPY_RANK, MAX_ROW,
+    block_table_i32, CapturedGraph, CudaBackend, DeviceIndex, DevicePagedKv, Epilogue, FlashMask,
+    Gelu, GraphUpdate, MapLayout, RopePositions, Shuffle, DEFORM_LEVELS, DEFORM_POINTS,
+    MAX_COPY_RANK, MAX_ROW,
 };
 use crate::kv::{PagedKvCache, SeqId};
 use crate::{DType, Error, Result, Tensor, Weights};
@@ -233,11 +241,107 @@ pub struct CudaExecutor {
     rope: HashMap<(usize, u32), Tensor>,
     /// Highest sum of live activation bytes seen in one pass.
     peak_activation_bytes: usize,
+    /// CUDA graph mode (see [`CudaExecutor::set_cuda_graphs`]).
+    graphs: bool,
+    /// Captured graphs by structure key (at most `MAX_CAPTURED`, the least recently run one
+    /// is dropped first).
+    captured: HashMap<u64, Captured>,
+    /// Run counter, for the cache's eviction order.
+    tick: u64,
+    /// Structure keys whose capture failed: they run eagerly from then on.
+    rejected: HashSet<u64>,
+    stats: GraphStats,
+    /// Bumped each time the device KV pool is (re)allocated: graphs captured against an older
+    /// pool must be captured again.
+    kv_generation: u64,
+}
+
+/// Which path the runs of a [`CudaExecutor`] took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Node walks run eagerly (graphs off, a CPU-fallback or host-upload node, or a capture
+    /// the driver refused).
+    pub eager: usize,
+    /// Fresh captures (instantiated).
+    pub captured: usize,
+    /// Recaptures applied with `cuGraphExecUpdate`.
+    pub updated: usize,
+    /// Recaptures whose update was refused and that were instantiated anew.
+    pub reinstantiated: usize,
+    /// Graph launches (every captured run ends with one).
+    pub replayed: usize,
+    /// Captures that failed (the run then went eagerly).
+    pub rejected: usize,
+}
+
+/// A captured graph and the persistent device buffers it reads and writes.
+struct Captured {
+    /// When it last ran (`CudaExecutor::tick`).
+    last_run: u64,
+    /// `None` until the first capture succeeds.
+    graph: Option<CapturedGraph>,
+    /// Args key of the capture the executable graph holds now.
+    args: u64,
+    kv_generation: u64,
+    /// f32 input buffers by input node, written before each replay.
+    inputs: Vec<(NodeId, Tensor)>,
+    /// f32 buffers the graph copies the kept nodes into.
+    outputs: Vec<(NodeId, Tensor)>,
+    /// Block table (capacity at least the sequence's table; padded with -1) and KV slots, written
+    /// before each replay: their addresses never change.
+    table: Option<DeviceIndex>,
+    slots: Option<((usize, usize), DeviceIndex)>,
+}
+
+/// Captured graphs one executor keeps (the decode step, prefills of recent prompt lengths, the
+/// encoders, the heads).
+pub const MAX_CAPTURED: usize = 16;
+
+/// Whether CUDA graphs are on by default: unless `XSAM_CUDA_GRAPHS=0`.
+pub fn cuda_graphs_from_env() -> bool {
+    std::env::var("XSAM_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
+}
+
+/// Why `graph` cannot be captured (`None`: it can): a node falls back to the CPU, or its device
+/// path copies host data inside the pass (a capture cannot hold that). Pure host logic.
+pub fn not_capturable(graph: &Graph) -> Option<String> {
+    for (id, node) in graph.nodes().iter().enumerate() {
+        if let Some(why) = unsupported(graph, id) {
+            return Some(format!("`{}` falls back to the CPU ({why})", node.name));
+        }
+        let host_data = match &node.op {
+            Op::Gather { .. } => true,
+            Op::SamAttention { .. } => node.inputs.len() != 4,
+            Op::Attention { heads, causal, .. } => {
+                let width = graph.shape(node.inputs[0]).dims().get(1).copied();
+                let hd = width.unwrap_or(0) / heads.max(&1);
+                node.inputs.len() == 3 && hd == 32 && !causal
+            }
+            Op::PagedAttention { pos0, head_dim, .. } => {
+                let t = node.shape.dims().first().copied().unwrap_or(0);
+                let kernel = (*pos0 == 0 && matches!(head_dim, 64 | 72 | 96))
+                    || (*head_dim == 96 && t > 1)
+                    || matches!(head_dim, 64 | 96 | 128);
+                !kernel
+            }
+            _ => false,
+        };
+        if host_data {
+            return Some(format!(
+                "`{}` ({}) uses host data or the CPU inside the pass",
+                node.name,
+                node.op.kind()
+            ));
+        }
+    }
+    None
 }
 
 /// Per-run state of the paged KV: block table and slot lists on the device.
 #[derive(Default)]
 struct KvRun {
+    /// The sequence's block table (host), uploaded into `table` by the run's path.
+    table_host: Option<Vec<i32>>,
     table: Option<DeviceIndex>,
     slots: HashMap<(usize, usize), DeviceIndex>,
     /// The pool was (re)created in this run: it holds nothing written before.
@@ -258,7 +362,32 @@ impl CudaExecutor {
             kv: None,
             rope: HashMap::new(),
             peak_activation_bytes: 0,
+            graphs: cuda_graphs_from_env(),
+            captured: HashMap::new(),
+            tick: 0,
+            rejected: HashSet::new(),
+            stats: GraphStats::default(),
+            kv_generation: 0,
         }
+    }
+
+    /// Turns CUDA graph mode on or off (default: on unless `XSAM_CUDA_GRAPHS=0`). On, a run of
+    /// a graph that [`not_capturable`] accepts is captured once per structure and replayed; off,
+    /// every run walks the nodes eagerly. Turning it off drops the captured graphs.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.captured.clear();
+        }
+    }
+
+    pub fn cuda_graphs(&self) -> bool {
+        self.graphs
+    }
+
+    /// Which path the runs so far took.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.stats
     }
 
     pub fn backend(&self) -> &Arc<CudaBackend> {
@@ -297,7 +426,8 @@ impl CudaExecutor {
         self.run_with_kv(graph, plan, inputs, None)
     }
 
-    /// As the CPU executor's `run_with_kv`; the cache must be metadata-only.
+    /// As the CPU executor's `run_with_kv`; the cache must be metadata-only. With CUDA graphs on
+    /// (the default) a capturable graph runs as a captured graph: see `run_captured`.
     pub fn run_with_kv(
         &mut self,
         graph: &Graph,
@@ -305,28 +435,281 @@ impl CudaExecutor {
         inputs: &[(NodeId, &Tensor)],
         mut kv: Option<(&mut PagedKvCache, SeqId)>,
     ) -> Result<Outputs> {
-        let last = last_uses(graph, &plan.keep);
+        let kv_run = self.prepare_kv(graph, &mut kv)?;
+        if self.graphs {
+            let keys = capture_keys(graph, &plan.keep);
+            if !self.rejected.contains(&keys.structure) && not_capturable(graph).is_none() {
+                return self.run_captured(graph, plan, inputs, kv, kv_run, keys);
+            }
+        }
+        self.run_eager(graph, plan, inputs, kv, kv_run)
+    }
+
+    /// Walks the nodes one launch at a time.
+    fn run_eager(
+        &mut self,
+        graph: &Graph,
+        plan: &Plan,
+        inputs: &[(NodeId, &Tensor)],
+        mut kv: Option<(&mut PagedKvCache, SeqId)>,
+        mut kv_run: KvRun,
+    ) -> Result<Outputs> {
+        self.stats.eager += 1;
+        if kv_run.table.is_none() {
+            if let Some(t) = &kv_run.table_host {
+                kv_run.table = Some(self.backend.upload_index(t)?);
+            }
+        }
         let feeds: HashMap<NodeId, &Tensor> = inputs.iter().copied().collect();
-        let mut kv_run = self.prepare_kv(graph, &mut kv)?;
+        let values = self.walk(graph, &plan.keep, Feeds::Host(&feeds), &mut kv, &mut kv_run)?;
+        self.collect(graph, plan, |k| values.get(k).and_then(|v| v.as_ref()))
+    }
+
+    /// Runs `graph` as a CUDA graph. In stream order: the inputs are copied into the cache
+    /// entry's persistent buffers, the block table and KV slots into its persistent index
+    /// buffers (copy-on-write block copies were queued before, by `prepare_kv`); then the graph
+    /// is launched. The first run of a structure captures the node walk (kept nodes copied into
+    /// persistent output buffers, every intermediate allocated and freed inside); a later run
+    /// replays it when every kernel argument is the same, else captures again and updates the
+    /// executable graph (the decode step: another position). A failed capture runs eagerly and
+    /// the structure is not captured again.
+    fn run_captured(
+        &mut self,
+        graph: &Graph,
+        plan: &Plan,
+        inputs: &[(NodeId, &Tensor)],
+        mut kv: Option<(&mut PagedKvCache, SeqId)>,
+        mut kv_run: KvRun,
+        keys: CaptureKeys,
+    ) -> Result<Outputs> {
+        let b = self.backend.clone();
+        let feeds: HashMap<NodeId, &Tensor> = inputs.iter().copied().collect();
+        // Inputs are checked before the cache entry is taken out, so a bad feed keeps it.
+        for (id, node) in graph.nodes().iter().enumerate() {
+            if let Op::Input(s) = &node.op {
+                let t = feeds.get(&id).ok_or_else(|| {
+                    Error::Input(format!("no value fed for input `{}`", node.name))
+                })?;
+                if t.shape() != s {
+                    return Err(Error::Input(format!(
+                        "input `{}` expects shape {s}, got {}",
+                        node.name,
+                        t.shape()
+                    )));
+                }
+            }
+        }
+        let mut entry = match self.captured.remove(&keys.structure) {
+            Some(e) => e,
+            None => Captured::new(&b, graph, &plan.keep, |id| {
+                self.weight_root(graph, id).is_some()
+            })?,
+        };
+        for (id, buf) in &entry.inputs {
+            let t = feeds
+                .get(id)
+                .ok_or_else(|| Error::Graph(format!("input {id} vanished")))?;
+            let d = b.cast(&b.to_device(t)?, DType::F32)?;
+            b.copy_into(&d, buf)?;
+        }
+        // Index buffers: (re)allocated only when too small, which moves them (recapture).
+        let mut moved = false;
+        if let (Some(table), Some((cache, seq))) = (&kv_run.table_host, kv.as_ref()) {
+            let need = table.len().max(cache.config().num_blocks);
+            if entry.table.as_ref().is_none_or(|t| t.len() < table.len()) {
+                entry.table = Some(b.upload_index(&vec![-1; need])?);
+                moved = true;
+            }
+            if let Some(t) = entry.table.as_mut() {
+                b.write_index(t, table)?;
+            }
+            if let Some((pos0, n)) = paged_span(graph) {
+                let slots = kv_slots(cache, *seq, pos0, n)?;
+                match &mut entry.slots {
+                    Some((span, idx)) if idx.len() == n => {
+                        *span = (pos0, n);
+                        b.write_index(idx, &slots)?;
+                    }
+                    _ => {
+                        entry.slots = Some(((pos0, n), b.upload_index(&slots)?));
+                        moved = true;
+                    }
+                }
+            }
+        }
+        kv_run.table = entry.table.take();
+        if let Some((span, idx)) = entry.slots.take() {
+            kv_run.slots.insert(span, idx);
+        }
+        let same_args = entry.graph.is_some()
+            && entry.args == keys.args
+            && entry.kv_generation == self.kv_generation
+            && !moved;
+        if !same_args {
+            // Nothing inside the capture may upload: make every weight form and RoPE table
+            // the walk will fetch resident first (a no-op once they are).
+            if let Err(e) = self.make_resident(graph) {
+                self.captured.insert(keys.structure, entry);
+                return Err(e);
+            }
+        }
+        let keep = plan.keep.clone();
+        let result = {
+            let inputs_dev = &entry.inputs;
+            let outputs_dev = &entry.outputs;
+            let kv_ref = &mut kv;
+            let run_ref = &mut kv_run;
+            let bb = b.clone();
+            let mut walk = |this: &mut Self| -> Result<()> {
+                let values = this.walk(graph, &keep, Feeds::Device(inputs_dev), kv_ref, run_ref)?;
+                for (k, out) in outputs_dev {
+                    let v = values
+                        .get(*k)
+                        .and_then(|v| v.as_ref())
+                        .ok_or_else(|| Error::Graph(format!("kept node {k} has no value")))?;
+                    bb.copy_into(v, out)?;
+                }
+                // Every intermediate is freed inside the capture.
+                drop(values);
+                Ok(())
+            };
+            if same_args {
+                Ok(None)
+            } else if let Some(g) = entry.graph.as_mut() {
+                b.recapture(g, || walk(self)).map(|(u, ())| Some(u))
+            } else {
+                match b.capture(|| walk(self)) {
+                    Ok((g, ())) => {
+                        entry.graph = Some(g);
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match result {
+            Ok(update) => {
+                match (update, same_args) {
+                    (Some(GraphUpdate::Updated), _) => self.stats.updated += 1,
+                    (Some(GraphUpdate::Reinstantiated), _) => self.stats.reinstantiated += 1,
+                    (None, false) => self.stats.captured += 1,
+                    (None, true) => {}
+                }
+                let g = entry
+                    .graph
+                    .as_ref()
+                    .ok_or_else(|| Error::Graph("captured graph missing".into()))?;
+                g.replay()?;
+                self.stats.replayed += 1;
+                entry.args = keys.args;
+                entry.kv_generation = self.kv_generation;
+            }
+            Err(e) => {
+                // Nothing of the failed capture ran; the persistent buffers hold this run's
+                // inputs, so the eager walk reads those.
+                self.stats.rejected += 1;
+                self.rejected.insert(keys.structure);
+                static NOTED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !NOTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!(
+                        "note: cuda: a CUDA graph capture failed; that graph runs eagerly: {e}"
+                    );
+                }
+                let ins = std::mem::take(&mut entry.inputs);
+                let dev_feeds: HashMap<NodeId, Tensor> = ins.into_iter().collect();
+                let host: Vec<(NodeId, &Tensor)> = dev_feeds.iter().map(|(k, v)| (*k, v)).collect();
+                return self.run_eager(graph, plan, &host, kv, kv_run);
+            }
+        }
+        // The index buffers go back to the entry (same device memory, moved not copied).
+        entry.table = kv_run.table.take();
+        entry.slots = kv_run.slots.drain().next();
+        let outs: HashMap<NodeId, Tensor> =
+            entry.outputs.iter().map(|(k, t)| (*k, t.clone())).collect();
+        let result = self.collect(graph, plan, |k| outs.get(&k));
+        self.tick += 1;
+        entry.last_run = self.tick;
+        self.captured.insert(keys.structure, entry);
+        // Bound what the cache holds (graphs, their graph memory, persistent buffers): prompts of
+        // many lengths would otherwise each keep a prefill graph.
+        while self.captured.len() > MAX_CAPTURED {
+            let oldest = self
+                .captured
+                .iter()
+                .min_by_key(|(_, e)| e.last_run)
+                .map(|(k, _)| *k);
+            match oldest {
+                Some(k) => self.captured.remove(&k),
+                None => break,
+            };
+        }
+        result
+    }
+
+    /// Uploads what the walk of `graph` fetches lazily (each weight in the form its consumer
+    /// takes, RoPE frequency tables), so that a capture of the walk allocates nothing that
+    /// outlives it.
+    fn make_resident(&mut self, graph: &Graph) -> Result<()> {
+        for node in graph.nodes() {
+            if let Op::Rope {
+                head_dim, theta, ..
+            } = node.op
+            {
+                self.rope_freqs(head_dim, theta)?;
+            }
+            if matches!(node.op, Op::Reshape(_)) {
+                // A reshaped weight is fetched by the reshape's consumers, in their form.
+                continue;
+            }
+            for (i, &inp) in node.inputs.iter().enumerate() {
+                if let Some(w) = self.weight_root(graph, inp) {
+                    self.weights.get(w, weight_form(&node.op, i).dtype())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The walk over the nodes shared by the eager and captured paths: returns the values of
+    /// the kept nodes (all others are dropped after their last reader).
+    fn walk(
+        &mut self,
+        graph: &Graph,
+        keep: &[NodeId],
+        feeds: Feeds,
+        kv: &mut Option<(&mut PagedKvCache, SeqId)>,
+        kv_run: &mut KvRun,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let last = last_uses(graph, keep);
         let mut values: Vec<Option<Tensor>> = vec![None; graph.len()];
         let mut live_bytes = 0usize;
         for (id, node) in graph.nodes().iter().enumerate() {
             let value = match &node.op {
                 Op::Weight(_) => None,
-                Op::Input(s) => {
-                    let t = feeds.get(&id).ok_or_else(|| {
-                        Error::Input(format!("no value fed for input `{}`", node.name))
-                    })?;
-                    if t.shape() != s {
-                        return Err(Error::Input(format!(
-                            "input `{}` expects shape {s}, got {}",
-                            node.name,
-                            t.shape()
-                        )));
+                Op::Input(s) => Some(match &feeds {
+                    Feeds::Host(map) => {
+                        let t = map.get(&id).ok_or_else(|| {
+                            Error::Input(format!("no value fed for input `{}`", node.name))
+                        })?;
+                        if t.shape() != s {
+                            return Err(Error::Input(format!(
+                                "input `{}` expects shape {s}, got {}",
+                                node.name,
+                                t.shape()
+                            )));
+                        }
+                        let d = self.backend.to_device(t)?;
+                        self.backend.cast(&d, DType::F32)?
                     }
-                    let d = self.backend.to_device(t)?;
-                    Some(self.backend.cast(&d, DType::F32)?)
-                }
+                    Feeds::Device(list) => list
+                        .iter()
+                        .find(|(k, _)| *k == id)
+                        .map(|(_, t)| t.clone())
+                        .ok_or_else(|| {
+                            Error::Graph(format!("no device buffer for input `{}`", node.name))
+                        })?,
+                }),
                 Op::Reshape(s) => match self.weight_root(graph, node.inputs[0]) {
                     // A reshaped weight is fetched (and reshaped) by its consumers.
                     Some(_) => None,
@@ -335,12 +718,9 @@ impl CudaExecutor {
                             .reshape(s.clone())?,
                     ),
                 },
-                _ => Some(
-                    self.node(graph, id, &values, &mut kv, &mut kv_run)
-                        .map_err(|e| {
-                            Error::Graph(format!("node `{}` ({}): {e}", node.name, node.op.kind()))
-                        })?,
-                ),
+                _ => Some(self.node(graph, id, &values, kv, kv_run).map_err(|e| {
+                    Error::Graph(format!("node `{}` ({}): {e}", node.name, node.op.kind()))
+                })?),
             };
             if let Some(v) = &value {
                 if !matches!(node.op, Op::Reshape(_)) {
@@ -360,6 +740,16 @@ impl CudaExecutor {
                 }
             }
         }
+        Ok(values)
+    }
+
+    /// The host `Outputs` of `plan`'s kept nodes, reading device values through `value`.
+    fn collect<'v>(
+        &self,
+        graph: &Graph,
+        plan: &Plan,
+        value: impl Fn(NodeId) -> Option<&'v Tensor>,
+    ) -> Result<Outputs> {
         let mut out_values = HashMap::new();
         let mut names = HashMap::new();
         for &k in &plan.keep {
@@ -367,10 +757,9 @@ impl CudaExecutor {
             let t = match self.weight_root(graph, k) {
                 Some(w) => w.reshape(node.shape.clone())?,
                 None => {
-                    let v = values[k]
-                        .as_ref()
+                    let v = value(k)
                         .ok_or_else(|| Error::Graph(format!("kept node {k} has no value")))?;
-                    self.backend.to_host(v)?
+                    self.backend.to_host(v)?.reshape(node.shape.clone())?
                 }
             };
             out_values.insert(k, t);
@@ -455,6 +844,7 @@ impl CudaExecutor {
         } else {
             // Free the old pool before allocating the new one.
             self.kv = None;
+            self.kv_generation += 1;
             let pool = self.backend.alloc_paged_kv(*cache.config(), hd)?;
             self.kv = Some(DeviceKv {
                 cache_instance: cache.instance_id(),
@@ -462,8 +852,7 @@ impl CudaExecutor {
             });
             run.fresh = true;
         }
-        let table = block_table_i32(cache.block_table(*seq)?);
-        run.table = Some(self.backend.upload_index(&table)?);
+        run.table_host = Some(block_table_i32(cache.block_table(*seq)?));
         Ok(run)
     }
 
@@ -799,19 +1188,11 @@ impl CudaExecutor {
         let k = b.cast(&self.value(graph, values, node.inputs[1])?, DType::BF16)?;
         let v = b.cast(&self.value(graph, values, node.inputs[2])?, DType::BF16)?;
         let t = q.dims()[0];
-        let bs = cache.config().block_size;
         let table_host = cache.block_table(*seq)?.to_vec();
         let slots = match kv_run.slots.entry((pos0, t)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let slots = (pos0..pos0 + t)
-                    .map(|p| match table_host.get(p / bs).copied().flatten() {
-                        Some(blk) => i32::try_from(blk as usize * bs + p % bs)
-                            .map_err(|_| Error::Graph("KV slot exceeds i32".into())),
-                        None => Err(Error::Graph(format!("KV position {p} has no block"))),
-                    })
-                    .collect::<Result<Vec<i32>>>()?;
-                e.insert(b.upload_index(&slots)?)
+                e.insert(b.upload_index(&kv_slots(cache, *seq, pos0, t)?)?)
             }
         };
         let table = kv_run
@@ -864,6 +1245,81 @@ impl CudaExecutor {
         };
         b.cast(&o, DType::F32)
     }
+}
+
+/// The form in which `device_node` fetches input `i` of `op` when it is a weight: GEMM operands
+/// and embedding tables as bf16 matrices, everything else as f32 parameters.
+fn weight_form(op: &Op, i: usize) -> Form {
+    match op {
+        Op::MatMul { .. } | Op::BatchedMatMul { .. } => Form::Matrix,
+        Op::Linear | Op::Conv2d { .. } if i == 1 => Form::Matrix,
+        Op::Gather { .. } if i == 0 => Form::Matrix,
+        _ => Form::Param,
+    }
+}
+
+/// What the node walk reads for `Op::Input` nodes.
+enum Feeds<'a> {
+    /// Host tensors, uploaded by the walk (eager).
+    Host(&'a HashMap<NodeId, &'a Tensor>),
+    /// Persistent device buffers already written (captured).
+    Device(&'a [(NodeId, Tensor)]),
+}
+
+impl Captured {
+    /// The persistent buffers of a graph's first capture: one f32 buffer per input and per
+    /// kept node that is not a weight (`is_weight`), allocated before any capture.
+    fn new(
+        b: &CudaBackend,
+        graph: &Graph,
+        keep: &[NodeId],
+        is_weight: impl Fn(NodeId) -> bool,
+    ) -> Result<Self> {
+        let mut inputs = Vec::new();
+        for (id, node) in graph.nodes().iter().enumerate() {
+            if let Op::Input(s) = &node.op {
+                inputs.push((id, b.alloc_tensor(s.clone(), DType::F32)?));
+            }
+        }
+        let mut outputs = Vec::new();
+        for &k in keep {
+            if !is_weight(k) && !outputs.iter().any(|(o, _)| *o == k) {
+                outputs.push((k, b.alloc_tensor(graph.shape(k).clone(), DType::F32)?));
+            }
+        }
+        Ok(Captured {
+            last_run: 0,
+            graph: None,
+            args: 0,
+            kv_generation: 0,
+            inputs,
+            outputs,
+            table: None,
+            slots: None,
+        })
+    }
+}
+
+/// The positions `(pos0, tokens)` the graph's paged attention writes (all layers of one forward
+/// share them), if it has any.
+fn paged_span(graph: &Graph) -> Option<(usize, usize)> {
+    graph.nodes().iter().find_map(|n| match n.op {
+        Op::PagedAttention { pos0, .. } => Some((pos0, n.shape.dims().first().copied()?)),
+        _ => None,
+    })
+}
+
+/// The pool slots of positions `pos0..pos0 + t` of `seq` (block * block_size + offset).
+fn kv_slots(cache: &PagedKvCache, seq: SeqId, pos0: usize, t: usize) -> Result<Vec<i32>> {
+    let bs = cache.config().block_size;
+    let table = cache.block_table(seq)?;
+    (pos0..pos0 + t)
+        .map(|p| match table.get(p / bs).copied().flatten() {
+            Some(blk) => i32::try_from(blk as usize * bs + p % bs)
+                .map_err(|_| Error::Graph("KV slot exceeds i32".into())),
+            None => Err(Error::Graph(format!("KV position {p} has no block"))),
+        })
+        .collect()
 }
 
 impl GraphExecutor for CudaExecutor {
@@ -1022,6 +1478,48 @@ mod tests {
         assert_eq!(last[b], c);
         assert_eq!(last[dead], dead, "an unread node dies at once");
         assert_eq!(last[c], usize::MAX, "kept nodes live to the end");
+    }
+
+    #[test]
+    fn graphs_with_fallbacks_or_host_uploads_are_not_captured() {
+        let attn = |heads| Op::Attention {
+            heads,
+            scale: 0.1,
+            causal: false,
+            window: None,
+            q_offset: 0,
+        };
+        // Kernel shapes only: capturable.
+        let mut g = Graph::new();
+        let q = g.input("q", [3, 128]).unwrap();
+        let a = g.push("a", attn(2), &[q, q, q]).unwrap();
+        g.push("s", Op::Scale(2.0), &[a]).unwrap();
+        assert_eq!(not_capturable(&g), None);
+        // Head dim 16 falls back to the CPU.
+        let mut g = Graph::new();
+        let q = g.input("q", [3, 32]).unwrap();
+        g.push("a", attn(2), &[q, q, q]).unwrap();
+        assert!(not_capturable(&g).is_some_and(|w| w.contains("falls back")));
+        // An embedding gather uploads its ids inside the pass.
+        let mut g = Graph::new();
+        let t = g.input("t", [10, 4]).unwrap();
+        g.push("e", Op::Gather { ids: vec![1, 2] }, &[t]).unwrap();
+        assert!(not_capturable(&g).is_some_and(|w| w.contains("host data")));
+        // Paged attention: decode head dims have kernels, 16 does not.
+        for (hd, ok) in [(64, true), (96, true), (128, true), (16, false)] {
+            let mut g = Graph::new();
+            let q = g.input("q", [1, 2 * hd]).unwrap();
+            let op = Op::PagedAttention {
+                layer: 0,
+                pos0: 7,
+                heads: 2,
+                head_dim: hd,
+                scale: 0.1,
+                window: None,
+            };
+            g.push("o", op, &[q, q, q]).unwrap();
+            assert_eq!(not_capturable(&g).is_none(), ok, "hd {hd}");
+        }
     }
 
     #[test]

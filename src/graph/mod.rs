@@ -4,6 +4,7 @@
 //! [`cuda_executor`] on the CUDA backend (both behind [`GraphExecutor`]). Any named node
 //! can be kept and dumped for comparison with a reference.
 
+pub mod capture_key;
 pub mod cuda_executor;
 pub mod executor;
 pub mod op;

@@ -471,6 +471,31 @@ impl CudaBackend {
         })
     }
 
+    /// Overwrites `idx` in place with `v` followed by -1 up to its length (`v` may be shorter):
+    /// the device address stays, which is what a captured CUDA graph reading the indices
+    /// needs. Queued in stream order (the source is staged before this returns); must not be
+    /// called inside a capture.
+    pub fn write_index(&self, idx: &mut DeviceIndex, v: &[i32]) -> Result<()> {
+        if v.len() > idx.host.len() {
+            return Err(backend_err(format!(
+                "write_index: {} indices into a buffer of {}",
+                v.len(),
+                idx.host.len()
+            )));
+        }
+        idx.host[..v.len()].copy_from_slice(v);
+        idx.host[v.len()..].fill(-1);
+        if !idx.host.is_empty() {
+            self.stream()
+                .memcpy_htod(
+                    bytemuck::cast_slice::<i32, u8>(&idx.host),
+                    idx.buf.slice_mut(),
+                )
+                .map_err(|e| driver_err("copying indices to the device", e))?;
+        }
+        Ok(())
+    }
+
     /// The device pointer of an index array (its buffer lives as long as `idx`).
     fn index_view<'a>(&self, idx: &'a DeviceIndex) -> Result<CudaView<'a, i32>> {
         idx.buf

@@ -73,8 +73,16 @@ fn split_list(s: &Option<String>) -> Vec<String> {
 
 fn device(d: &Option<String>) -> Result<Device> {
     let dev = match d.as_deref() {
-        // The CUDA pipeline has not run on a GPU yet, so "auto" stays on the CPU.
-        None | Some("auto") => Device::Cpu,
+        // The default (docs/interfaces.md): CUDA when a usable GPU and compiled kernels exist.
+        None | Some("auto") => match xsam::backend::cuda::cuda_available() {
+            Ok(name) => {
+                eprintln!(
+                    "note: --device not given: using cuda:0 ({name}); --device cpu to override"
+                );
+                return Ok(Device::Cuda(0));
+            }
+            Err(_) => Device::Cpu,
+        },
         Some(s) => s.parse()?,
     };
     if let Device::Cuda(i) = dev {
