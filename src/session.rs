@@ -59,6 +59,11 @@ pub struct Model {
     weights_bytes: u64,
     /// The weights on the GPU for `Device::Cuda`, shared by every session's executor.
     device: Option<Arc<DeviceWeights>>,
+    /// On the GPU, the executor of the image side (SAM, SigLIP, projectors, connector, pixel
+    /// decoder), kept by the model so that its captured CUDA graphs (fixed image size) are
+    /// replayed for every session's image instead of being captured per session. Sessions that
+    /// open concurrently take turns on it (one stream anyway).
+    image_exec: Option<std::sync::Mutex<CudaExecutor>>,
 }
 
 /// A session's graph executor: the CPU one, or the CUDA one on the model's device weights.
@@ -257,6 +262,7 @@ impl Model {
             tokenizer,
             cfg,
             device: None,
+            image_exec: None,
         };
         if let Some(b) = backend {
             model.check_device_budget(&weights, &b)?;
@@ -282,7 +288,9 @@ impl Model {
             if let Some(e) = cancelled {
                 return Err(e);
             }
-            model.device = Some(Arc::new(dw));
+            let dw = Arc::new(dw);
+            model.image_exec = Some(std::sync::Mutex::new(CudaExecutor::new(dw.clone())));
+            model.device = Some(dw);
         }
         progress.report(1.0)?;
         Ok(model)
@@ -362,7 +370,8 @@ impl Model {
     pub fn session(&self, image: &RgbImage) -> Result<Session<'_>> {
         let mut exec = self.executor();
         let mut timings = Timings::default();
-        let side = self.image_side(&mut exec, image, &mut timings)?;
+        let side =
+            self.with_image_executor(&mut exec, |m, e| m.image_side(e, image, &mut timings))?;
 
         let t = Instant::now();
         let prefix_tokens = self.prefix_tokens()?;
@@ -467,6 +476,24 @@ impl Model {
         let blocks = prefix_len.div_ceil(KV_BLOCK) + live.div_ceil(KV_BLOCK) + 4;
         let per_block = self.llm.kv_config(KV_BLOCK, usize::MAX)?.bytes_per_block(4);
         self.llm.kv_config(KV_BLOCK, blocks * per_block)
+    }
+
+    /// Runs `f` on the model's image-side executor (GPU), else on `fallback` (the session's).
+    fn with_image_executor<T>(
+        &self,
+        fallback: &mut dyn GraphExecutor,
+        f: impl FnOnce(&Self, &mut dyn GraphExecutor) -> Result<T>,
+    ) -> Result<T> {
+        match &self.image_exec {
+            Some(m) => {
+                let mut guard = m.lock().map_err(|_| Error::Backend {
+                    backend: "cuda",
+                    msg: "the image-side executor was poisoned by an earlier panic".into(),
+                })?;
+                f(self, &mut *guard)
+            }
+            None => f(self, fallback),
+        }
     }
 
     fn sam_side(
@@ -650,19 +677,30 @@ impl<'m> Session<'m> {
     /// On CUDA: device bytes of the weights, this session's KV pool and its activations' high
     /// mark, and the nodes that ran on the CPU (by op kind). `None` on the CPU.
     pub fn device_usage(&self) -> Option<DeviceUsage> {
-        match &self.exec {
-            SessionExecutor::Cpu(_) => None,
-            SessionExecutor::Cuda(e) => Some(DeviceUsage {
-                weights_bytes: e.weights().bytes(),
-                kv_bytes: e.kv_bytes(),
-                peak_activation_bytes: e.peak_activation_bytes(),
-                fallbacks: e
-                    .fallbacks()
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), *v))
-                    .collect(),
-            }),
+        let SessionExecutor::Cuda(e) = &self.exec else {
+            return None;
+        };
+        // The image side ran on the model's executor: count its fallbacks and peak too.
+        let image = self
+            .model
+            .image_exec
+            .as_ref()
+            .and_then(|m| m.lock().ok())
+            .map(|g| (g.fallbacks().clone(), g.peak_activation_bytes()));
+        let mut fallbacks = e.fallbacks().clone();
+        let mut peak = e.peak_activation_bytes();
+        if let Some((f, p)) = image {
+            for (k, v) in f {
+                *fallbacks.entry(k).or_insert(0) += v;
+            }
+            peak = peak.max(p);
         }
+        Some(DeviceUsage {
+            weights_bytes: e.weights().bytes(),
+            kv_bytes: e.kv_bytes(),
+            peak_activation_bytes: peak,
+            fallbacks: fallbacks.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        })
     }
 
     /// `(height, width)` of the session's image.
@@ -830,7 +868,8 @@ impl<'m> Session<'m> {
             let (tokens_map, scaled, hw) = match &req.vprompt_image {
                 Some(img) => {
                     let mut tm = Timings::default();
-                    let (inp, _, seg) = model.sam_side(&mut self.exec, img, &mut tm)?;
+                    let (inp, _, seg) = model
+                        .with_image_executor(&mut self.exec, |m, e| m.sam_side(e, img, &mut tm))?;
                     cross = seg;
                     (&cross, inp.scaled_size, (img.height, img.width))
                 }

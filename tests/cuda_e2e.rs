@@ -184,6 +184,36 @@ fn every_task_on_cuda_matches_the_cpu() {
     println!("device usage: {usage:?}");
 }
 
+/// On the GPU the image side runs on the model's executor (its captured graphs are replayed for
+/// every session): sessions opened one after another on different images, and reopened on the
+/// first image, must each match the CPU.
+#[test]
+fn later_sessions_on_the_shared_image_executor_match_the_cpu() {
+    let Some(b) = gpu::backend(
+        "cuda_e2e",
+        "later_sessions_on_the_shared_image_executor_match_the_cpu",
+    ) else {
+        return;
+    };
+    drop(b);
+    let dir = model_dir();
+    let cpu = Model::load(&dir, Device::Cpu).unwrap();
+    let gpu = Model::load(&dir, Device::Cuda(0)).unwrap();
+    let (w, h) = (160, 120);
+    let req = &requests(w, h)[4];
+    let flipped = {
+        let im = image(w, h);
+        let mut d = im.data.clone();
+        d.reverse();
+        RgbImage::new(w, h, d).unwrap()
+    };
+    for (k, img) in [image(w, h), flipped, image(w, h)].iter().enumerate() {
+        let c = cpu.session(img).unwrap().run(req).unwrap();
+        let g = gpu.session(img).unwrap().run(req).unwrap();
+        compare(&format!("session {k}"), &c.result, &g.result);
+    }
+}
+
 #[test]
 fn cpu_sessions_report_no_device_usage() {
     // Pure host: runs everywhere.

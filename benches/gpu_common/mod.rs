@@ -27,12 +27,7 @@ pub fn rand_bf16(b: &CudaBackend, shape: &[usize], seed: u64) -> xsam::Result<Te
 }
 
 /// A bf16 device tensor of seeded values in [-amp, amp).
-pub fn rand_bf16_in(
-    b: &CudaBackend,
-    shape: &[usize],
-    seed: u64,
-    amp: f32,
-) -> xsam::Result<Tensor> {
+pub fn rand_bf16_in(b: &CudaBackend, shape: &[usize], seed: u64, amp: f32) -> xsam::Result<Tensor> {
     let n: usize = shape.iter().product();
     let mut s = seed;
     let v: Vec<bf16> = (0..n)
