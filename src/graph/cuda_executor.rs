@@ -184,8 +184,15 @@ impl DeviceWeights {
         } else {
             t.contiguous()?
         };
-        let dev = self.backend.to_device(&host)?;
-        let dev = self.backend.cast(&dev, dtype)?;
+        let dev = match dtype {
+            // From the (mapped) host bytes in chunks, converted on the host: no f32 staging copy
+            // of a matrix on the device.
+            DType::BF16 => self.backend.upload_bf16(&host, &mut |_| {})?,
+            _ => {
+                let d = self.backend.to_device(&host)?;
+                self.backend.cast(&d, dtype)?
+            }
+        };
         cache.insert(key, (t.clone(), dev.clone()));
         Ok(dev)
     }
