@@ -290,7 +290,7 @@ fn unsupported_dtype_and_unaligned_data() {
     // Header of odd length (7 bytes of JSON would not parse; pad to 61 with a space): the bf16
     // data then starts at an odd offset and must be copied, not viewed.
     let mut h = br#"{"x": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}"#.to_vec();
-    if h.len() % 2 == 0 {
+    if h.len().is_multiple_of(2) {
         h.push(b' ');
     }
     let mut b = (h.len() as u64).to_le_bytes().to_vec();

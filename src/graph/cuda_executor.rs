@@ -1424,7 +1424,7 @@ fn host_paged_attention(
     let cfg = *pool.config();
     let bs = cfg.block_size;
     let kv_heads = pool.kv_heads();
-    if kv_heads == 0 || heads % kv_heads != 0 || q.len() % (heads * hd) != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !q.len().is_multiple_of(heads * hd) {
         return Err(Error::Graph(format!(
             "{heads} heads over {kv_heads} KV heads"
         )));

@@ -284,7 +284,7 @@ impl Op {
                     }
                 }
                 if let Op::GroupNorm { groups, .. } = self {
-                    if *groups == 0 || c % groups != 0 {
+                    if *groups == 0 || !c.is_multiple_of(*groups) {
                         return Err(format!("{c} channels not divisible into {groups} groups"));
                     }
                 }
@@ -303,7 +303,7 @@ impl Op {
             }
             Op::SiluGate => {
                 want(1..=1)?;
-                if ins[0].last() % 2 != 0 {
+                if !ins[0].last().is_multiple_of(2) {
                     return Err(format!("last dim of {} is odd", ins[0]));
                 }
                 Ok(with_last(ins[0], ins[0].last() / 2))
@@ -353,7 +353,7 @@ impl Op {
                     d[r - 2] = d[r - 2].div_ceil(2);
                     d[r - 1] *= 4;
                 } else {
-                    if d[r - 1] % 4 != 0 {
+                    if !d[r - 1].is_multiple_of(4) {
                         return Err(format!("channels of {} not divisible by 4", ins[0]));
                     }
                     d[r - 3] *= 2;
@@ -477,11 +477,11 @@ impl Op {
                 want(3..=4)?;
                 let qkv = ins[0].dims();
                 let t = grid_h * grid_w;
-                if qkv.len() != 2 || qkv[0] != t || qkv[1] % 3 != 0 || t == 0 {
+                if qkv.len() != 2 || qkv[0] != t || !qkv[1].is_multiple_of(3) || t == 0 {
                     return Err(format!("qkv {} is not [{grid_h}*{grid_w}, 3C]", ins[0]));
                 }
                 let c = qkv[1] / 3;
-                if *heads == 0 || c % heads != 0 || *window == Some(0) {
+                if *heads == 0 || !c.is_multiple_of(*heads) || *window == Some(0) {
                     return Err(format!(
                         "{heads} heads over {c} channels, window {window:?}"
                     ));

@@ -22,14 +22,14 @@ pub fn paged_attention(
 ) -> Result<()> {
     let cfg = *cache.config();
     let width = heads * head_dim;
-    if head_dim == 0 || heads == 0 || q.len() % width != 0 || out.len() != q.len() {
+    if head_dim == 0 || heads == 0 || !q.len().is_multiple_of(width) || out.len() != q.len() {
         return Err(Error::shape(
             "paged_attention",
             format!("q {} / out {} for {heads}x{head_dim}", q.len(), out.len()),
         ));
     }
-    if cfg.kv_dim % head_dim != 0
-        || heads % (cfg.kv_dim / head_dim).max(1) != 0
+    if !cfg.kv_dim.is_multiple_of(head_dim)
+        || !heads.is_multiple_of((cfg.kv_dim / head_dim).max(1))
         || layer >= cfg.num_layers
     {
         return Err(Error::shape(

@@ -327,7 +327,7 @@ impl PagedKvCache {
         v: &[f32],
     ) -> Result<()> {
         let d = self.cfg.kv_dim;
-        if k.len() != v.len() || k.len() % d != 0 {
+        if k.len() != v.len() || !k.len().is_multiple_of(d) {
             return Err(Error::shape(
                 "kv write_rows",
                 format!("k {} / v {} not rows of {d}", k.len(), v.len()),

@@ -610,20 +610,20 @@ impl Config {
         eps(&mut p, "llm.rope_theta", l.rope_theta);
         if l.num_attention_heads > 0 {
             check!(
-                l.hidden_size % l.num_attention_heads == 0,
+                l.hidden_size.is_multiple_of(l.num_attention_heads),
                 "llm.hidden_size {} is not divisible by llm.num_attention_heads {}",
                 l.hidden_size,
                 l.num_attention_heads
             );
             check!(
-                l.head_dim() % 2 == 0,
+                l.head_dim().is_multiple_of(2),
                 "llm head dim {} (hidden_size / num_attention_heads) must be even for RoPE",
                 l.head_dim()
             );
         }
         if l.num_key_value_heads > 0 {
             check!(
-                l.num_attention_heads % l.num_key_value_heads == 0,
+                l.num_attention_heads.is_multiple_of(l.num_key_value_heads),
                 "llm.num_attention_heads {} is not a multiple of llm.num_key_value_heads {}",
                 l.num_attention_heads,
                 l.num_key_value_heads
@@ -650,7 +650,7 @@ impl Config {
         eps(&mut p, "vision.layer_norm_eps", v.layer_norm_eps);
         if v.num_attention_heads > 0 {
             check!(
-                v.hidden_size % v.num_attention_heads == 0,
+                v.hidden_size.is_multiple_of(v.num_attention_heads),
                 "vision.hidden_size {} is not divisible by vision.num_attention_heads {}",
                 v.hidden_size,
                 v.num_attention_heads
@@ -685,7 +685,7 @@ impl Config {
         eps(&mut p, "sam.layer_norm_eps", s.layer_norm_eps);
         if s.num_attention_heads > 0 {
             check!(
-                s.hidden_size % s.num_attention_heads == 0,
+                s.hidden_size.is_multiple_of(s.num_attention_heads),
                 "sam.hidden_size {} is not divisible by sam.num_attention_heads {}",
                 s.hidden_size,
                 s.num_attention_heads
@@ -693,7 +693,7 @@ impl Config {
         }
         if s.patch_size > 0 {
             check!(
-                s.image_size % s.patch_size == 0 && s.image_size > 0,
+                s.image_size.is_multiple_of(s.patch_size) && s.image_size > 0,
                 "sam.image_size {} is not a positive multiple of sam.patch_size {}",
                 s.image_size,
                 s.patch_size
@@ -727,12 +727,12 @@ impl Config {
                 pr.seg_downsample_ratio
             )),
             Some(Shuffle::Down2) => check!(
-                grid % 2 == 0,
+                grid.is_multiple_of(2),
                 "projector.seg_downsample_ratio 0.5 needs an even SAM grid, got {grid} \
                  (sam.image_size / sam.patch_size)"
             ),
             Some(Shuffle::Up2) => check!(
-                s.hidden_size % 4 == 0,
+                s.hidden_size.is_multiple_of(4),
                 "projector.seg_downsample_ratio 2 needs sam.hidden_size divisible by 4, got {}",
                 s.hidden_size
             ),
@@ -756,7 +756,7 @@ impl Config {
         }
         if d.num_attention_heads > 0 {
             check!(
-                d.hidden_dim % d.num_attention_heads == 0,
+                d.hidden_dim.is_multiple_of(d.num_attention_heads),
                 "decoder.hidden_dim {} is not divisible by decoder.num_attention_heads {}",
                 d.hidden_dim,
                 d.num_attention_heads
@@ -764,7 +764,7 @@ impl Config {
         }
         if d.group_norm_groups > 0 {
             check!(
-                d.hidden_dim % d.group_norm_groups == 0,
+                d.hidden_dim.is_multiple_of(d.group_norm_groups),
                 "decoder.group_norm_groups {} does not divide decoder.hidden_dim {}",
                 d.group_norm_groups,
                 d.hidden_dim
@@ -810,7 +810,7 @@ impl Config {
                     "connector.scale_factors[{i}] must be 2, 1 or 0.5, got {f}"
                 )),
                 Some(Shuffle::Up2 | Shuffle::Down2) => check!(
-                    s.hidden_size % 2 == 0,
+                    s.hidden_size.is_multiple_of(2),
                     "connector.scale_factors[{i}] = {f} needs an even sam.hidden_size, got {}",
                     s.hidden_size
                 ),
@@ -818,7 +818,7 @@ impl Config {
             }
             if Shuffle::from_factor(f) == Some(Shuffle::Down2) {
                 check!(
-                    grid % 2 == 0,
+                    grid.is_multiple_of(2),
                     "connector.scale_factors[{i}] = 0.5 needs an even SAM grid, got {grid}"
                 );
             }

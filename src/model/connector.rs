@@ -96,7 +96,7 @@ impl Connector {
             }
             // X-SAM pads odd maps before the convolutions (`maybe_pad`); the configs validated
             // here always have an even grid, so that path is refused rather than approximated.
-            if d[1] % 2 != 0 || d[2] % 2 != 0 {
+            if !d[1].is_multiple_of(2) || !d[2].is_multiple_of(2) {
                 return Err(Error::shape(
                     "connector",
                     format!("level {i}: odd SAM grid {}x{} is not supported", d[1], d[2]),

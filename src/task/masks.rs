@@ -207,7 +207,7 @@ impl MaskResizer {
     pub fn resize_queries(&self, logits: &[f32], queries: &[usize]) -> Result<Vec<f32>> {
         let n = self.geom.grid_len();
         let q_total = logits.len() / n.max(1);
-        if logits.len() % n != 0 {
+        if !logits.len().is_multiple_of(n) {
             return Err(Error::shape(
                 "resize masks",
                 format!(

@@ -84,7 +84,7 @@ impl Prediction<'_> {
         if q == 0 {
             return Err(Error::shape("postprocess", "no queries"));
         }
-        if self.class_logits.len() % q != 0 || self.class_logits.len() / q < 2 {
+        if !self.class_logits.len().is_multiple_of(q) || self.class_logits.len() / q < 2 {
             return Err(Error::shape(
                 "postprocess",
                 format!(
@@ -116,7 +116,7 @@ impl Prediction<'_> {
 
 /// Class probabilities without bg, `[Q, K]`: softmax over the K+1 columns, then the last dropped.
 pub fn class_probs(class_logits: &[f32], num_queries: usize) -> Result<Vec<f32>> {
-    if num_queries == 0 || class_logits.len() % num_queries != 0 {
+    if num_queries == 0 || !class_logits.len().is_multiple_of(num_queries) {
         return Err(Error::shape(
             "class_probs",
             format!("{} logits for {num_queries} queries", class_logits.len()),

@@ -162,14 +162,14 @@ impl Tensor {
             .ok_or_else(|| Error::shape("from_mmap", "byte range outside the mapped file"))?;
         let _ = end;
         let esize = dtype.size_in_bytes();
-        if len % esize != 0 {
+        if !len.is_multiple_of(esize) {
             return Err(Error::shape(
                 "from_mmap",
                 "byte length not a multiple of the element size",
             ));
         }
         check_len("from_mmap", &shape, len / esize)?;
-        if (map.as_ptr() as usize + start) % esize != 0 {
+        if !(map.as_ptr() as usize + start).is_multiple_of(esize) {
             return Err(Error::shape("from_mmap", "unaligned tensor data"));
         }
         Ok(Self::from_host(

@@ -387,7 +387,7 @@ impl Weights {
                 let bytes = f.map.get(start..start.saturating_add(len)).ok_or_else(|| {
                     werr(&f.path, format!("tensor `{name}`: data outside the file"))
                 })?;
-                let aligned = (bytes.as_ptr() as usize) % dtype.size_in_bytes() == 0;
+                let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.size_in_bytes());
                 let r = if aligned {
                     Tensor::from_mmap(f.map.clone(), start, len, dtype, shape.clone())
                 } else {

@@ -1239,7 +1239,7 @@ mod pickle {
         }
 
         fn set_items(&mut self, target: &V, items: Vec<V>) -> R<()> {
-            if items.len() % 2 != 0 {
+            if !items.len().is_multiple_of(2) {
                 return Err(format!(
                     "SETITEMS with an odd number of items (byte {})",
                     self.pos

@@ -149,7 +149,7 @@ pub fn softmax_rows(x: &mut [f32], cols: usize) -> Result<()> {
             ))
         };
     }
-    if x.len() % cols != 0 {
+    if !x.len().is_multiple_of(cols) {
         return Err(Error::shape(
             "softmax_rows",
             format!("{} elements are not rows of {cols}", x.len()),

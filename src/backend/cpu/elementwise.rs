@@ -49,7 +49,7 @@ pub fn add_broadcast_rows(x: &[f32], row: &[f32], out: &mut [f32]) -> Result<()>
             Err(Error::shape(OP, "empty row for a non-empty input"))
         };
     }
-    if x.len() % c != 0 {
+    if !x.len().is_multiple_of(c) {
         return Err(Error::shape(
             OP,
             format!("{} elements are not rows of {c}", x.len()),
@@ -118,7 +118,7 @@ pub fn gather_rows(table: WeightRef, cols: usize, ids: &[u32], out: &mut [f32]) 
     if cols == 0 {
         return Ok(());
     }
-    if table.len() % cols != 0 {
+    if !table.len().is_multiple_of(cols) {
         return Err(Error::shape(
             OP,
             format!("table of {} elements is not rows of {cols}", table.len()),

@@ -15,7 +15,7 @@ fn check_rows(op: &'static str, x: &[f32], cols: usize, out: &[f32]) -> Result<(
     if cols == 0 && !x.is_empty() {
         return Err(Error::shape(op, "cols is 0 for a non-empty input"));
     }
-    if cols != 0 && x.len() % cols != 0 {
+    if cols != 0 && !x.len().is_multiple_of(cols) {
         return Err(Error::shape(
             op,
             format!("{} elements are not rows of {cols}", x.len()),
@@ -214,7 +214,7 @@ pub fn group_norm(
     check_len(OP, "out", out.len(), n)?;
     check_len(OP, "weight", w.len(), channels)?;
     check_len(OP, "bias", b.len(), channels)?;
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         return Err(Error::shape(
             OP,
             format!("{channels} channels do not split into {groups} groups"),

@@ -23,7 +23,7 @@ pub fn rope(
     const OP: &str = "rope";
     check_len(OP, "x", x.len(), numel(OP, &[tokens, heads, head_dim])?)?;
     check_len(OP, "positions", positions.len(), tokens)?;
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return Err(Error::shape(OP, format!("head_dim {head_dim} is odd")));
     }
     if x.is_empty() {

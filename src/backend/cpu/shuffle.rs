@@ -39,7 +39,7 @@ pub fn pixel_shuffle_down(x: &[f32], h: usize, w: usize, c: usize, out: &mut [f3
 /// `out[2i + dh, 2j + dw, k] = x[i, j, dw·(c/2) + dh·(c/4) + k]`.
 pub fn pixel_shuffle_up(x: &[f32], h: usize, w: usize, c: usize, out: &mut [f32]) -> Result<()> {
     const OP: &str = "pixel_shuffle_up";
-    if c % 4 != 0 {
+    if !c.is_multiple_of(4) {
         return Err(Error::shape(
             OP,
             format!("{c} channels are not divisible by 4"),

@@ -436,7 +436,7 @@ impl CudaBackend {
                 format!("{what}: overlapping rows ({t:?})"),
             ));
         }
-        if stride % 8 != 0 || t.offset() % 8 != 0 {
+        if !stride.is_multiple_of(8) || !t.offset().is_multiple_of(8) {
             return Err(Error::shape(
                 op,
                 format!(
@@ -609,7 +609,7 @@ impl CudaBackend {
             *q.dims().last().unwrap_or(&0),
             *k.dims().last().unwrap_or(&0),
         );
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || qd % heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || qd % heads != 0 {
             return Err(Error::shape(
                 OP,
                 format!("q width {qd} with {heads} heads and {kv_heads} kv heads"),
@@ -1042,7 +1042,11 @@ impl CudaBackend {
     /// A device KV pool for `cfg` (the CPU cache's geometry) with heads of `head_dim`, zeroed.
     pub fn alloc_paged_kv(&self, cfg: KvConfig, head_dim: usize) -> Result<DevicePagedKv> {
         const OP: &str = "alloc_paged_kv";
-        if head_dim == 0 || cfg.kv_dim % head_dim != 0 || head_dim % 8 != 0 || cfg.block_size == 0 {
+        if head_dim == 0
+            || !cfg.kv_dim.is_multiple_of(head_dim)
+            || !head_dim.is_multiple_of(8)
+            || cfg.block_size == 0
+        {
             return Err(Error::shape(
                 OP,
                 format!(
@@ -1243,7 +1247,7 @@ impl CudaBackend {
         window: Option<usize>,
     ) -> Result<(Rows<'a>, usize)> {
         let kv_heads = pool.kv_heads();
-        if layer >= pool.cfg.num_layers || heads == 0 || heads % kv_heads != 0 {
+        if layer >= pool.cfg.num_layers || heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(Error::shape(
                 op,
                 format!("layer {layer}, {heads} heads over {kv_heads} kv heads"),

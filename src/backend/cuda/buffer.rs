@@ -45,7 +45,7 @@ impl DeviceBuffer {
     pub(crate) fn view<T>(&self, start: usize, len: usize) -> Option<CudaView<'_, T>> {
         let size = std::mem::size_of::<T>();
         let end = len.checked_mul(size)?.checked_add(start)?;
-        if end > self.bytes || start % size != 0 {
+        if end > self.bytes || !start.is_multiple_of(size) {
             return None;
         }
         let bytes = self.slice.try_slice(start..start + len * size)?;

@@ -660,7 +660,7 @@ impl CudaBackend {
     /// computed on the host with the CPU backend's f32 formula (as transformers computes it) and
     /// uploaded: make it once per model and pass it to every `rope` call.
     pub fn rope_inv_freq(&self, head_dim: usize, theta: f32) -> Result<Tensor> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::shape(
                 "rope_inv_freq",
                 format!("head_dim {head_dim} must be even and positive"),
@@ -687,7 +687,7 @@ impl CudaBackend {
         positions: RopePositions<'_>,
     ) -> Result<Tensor> {
         let k = pick("rope", x.dtype(), "rope_f32", "rope_bf16")?;
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::shape(
                 k,
                 format!("head_dim {head_dim} must be even and positive"),
@@ -949,7 +949,7 @@ impl CudaBackend {
             let (rows, run) = match (layout, dir) {
                 (MapLayout::ChannelsLast, _) => {
                     let run_elems = if dir == Shuffle::Down { c } else { c / 4 };
-                    let vec = (run_elems * es) % 16 == 0 && xp % 16 == 0 && yp % 16 == 0;
+                    let vec = (run_elems * es).is_multiple_of(16) && xp % 16 == 0 && yp % 16 == 0;
                     let rows = if dir == Shuffle::Down {
                         n * oh * ow * 4
                     } else {
@@ -1015,7 +1015,7 @@ impl CudaBackend {
         let dt = value.dtype();
         let vd = value.dims();
         let s: usize = levels.iter().map(|&(h, w)| h * w).sum();
-        if vd.len() != 2 || vd[0] != s || heads == 0 || vd[1] % heads != 0 || vd[1] == 0 {
+        if vd.len() != 2 || vd[0] != s || heads == 0 || !vd[1].is_multiple_of(heads) || vd[1] == 0 {
             return Err(Error::shape(
                 k,
                 format!(
@@ -1135,7 +1135,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        if num_points == 0 || points.len() % num_points != 0 || points.is_empty() {
+        if num_points == 0 || !points.len().is_multiple_of(num_points) || points.is_empty() {
             return Err(Error::shape(
                 k,
                 format!("{} points are not prompts of {num_points}", points.len()),
@@ -1389,7 +1389,7 @@ mod tests {
         for cols in 1..=MAX_ROW {
             let b = row_block(cols) as usize;
             assert!(
-                b % 32 == 0 && (32..=1024).contains(&b),
+                b.is_multiple_of(32) && (32..=1024).contains(&b),
                 "cols {cols}: block {b}"
             );
             assert!(
