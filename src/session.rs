@@ -267,11 +267,7 @@ impl Model {
         if let Some(b) = backend {
             model.check_device_budget(&weights, &b)?;
             let dw = DeviceWeights::new(b);
-            let total: usize = weights
-                .names()
-                .filter_map(|n| weights.info(n))
-                .map(|i| i.shape.iter().product::<usize>() * 2)
-                .sum();
+            let total = DeviceWeights::bf16_bytes(&weights);
             let bar = crate::progress::bytes_bar(total as u64, "uploading weights", true);
             let base = 0.27 + 0.40;
             let mut cancelled = None;
@@ -342,11 +338,7 @@ impl Model {
     /// pool (bf16) and the planner's peak activations (f32, see [`MemoryPlan`]) do not fit the
     /// card's free memory.
     fn check_device_budget(&self, weights: &Weights, b: &CudaBackend) -> Result<()> {
-        let w: usize = weights
-            .names()
-            .filter_map(|n| weights.info(n))
-            .map(|i| i.shape.iter().product::<usize>() * 2)
-            .sum();
+        let w = DeviceWeights::bf16_bytes(weights);
         let plan = self.memory_plan()?;
         // memory_plan counts the CPU's f32 KV pool; the device pool holds bf16.
         let kv = (plan.kv_pool / 2) as usize;

@@ -197,25 +197,26 @@ impl DeviceWeights {
         Ok(dev)
     }
 
+    /// Bytes of every tensor of `weights` in bf16: what [`preload`](Self::preload) uploads.
+    pub fn bf16_bytes(weights: &Weights) -> usize {
+        weights
+            .names()
+            .filter_map(|n| weights.info(n))
+            .map(|i| i.shape.iter().product::<usize>() * 2)
+            .sum()
+    }
+
     /// Uploads every tensor of `weights` in bf16 (the matrix form, which is what nearly all of a
     /// model's bytes are), calling `progress(done_bytes, total_bytes)` after each.
     pub fn preload(&self, weights: &Weights, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
         let mut names: Vec<&str> = weights.names().collect();
         names.sort_unstable();
-        let infos: Vec<usize> = names
-            .iter()
-            .map(|n| {
-                weights
-                    .info(n)
-                    .map_or(0, |i| i.shape.iter().product::<usize>())
-            })
-            .collect();
-        let total: usize = infos.iter().map(|n| n * 2).sum();
+        let total = Self::bf16_bytes(weights);
         let mut done = 0;
-        for (name, numel) in names.iter().zip(infos) {
+        for name in names {
             let t = weights.get_any(name)?;
             self.get(&t, DType::BF16)?;
-            done += numel * 2;
+            done += t.numel() * 2;
             progress(done, total);
         }
         Ok(())

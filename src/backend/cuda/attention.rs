@@ -318,6 +318,13 @@ impl DevicePagedKv {
     pub fn block_offset(&self, block: usize, layer: usize) -> usize {
         (block * self.cfg.num_layers + layer) * self.block_elems()
     }
+    /// Read views of the whole K and V pools (kernels address them through block tables).
+    fn views(&self) -> Result<(CudaView<'_, bf16>, CudaView<'_, bf16>)> {
+        let n = self.cfg.num_blocks * self.block_stride();
+        let k = self.k.view::<bf16>(0, n);
+        let v = self.v.view::<bf16>(0, n);
+        k.zip(v).ok_or_else(|| backend_err("KV pool view"))
+    }
 }
 
 /// int32 indices on the device together with their host copy: block tables and slot lists.
@@ -1349,15 +1356,7 @@ impl CudaBackend {
             let s = self.stream();
             let (qp, _g1) = qr.view.device_ptr(s);
             let (tp, _g2) = tv.device_ptr(s);
-            let n_pool = pool.cfg.num_blocks * pool.block_stride();
-            let kv = pool
-                .k
-                .view::<bf16>(0, n_pool)
-                .ok_or_else(|| backend_err("KV pool view"))?;
-            let vv = pool
-                .v
-                .view::<bf16>(0, n_pool)
-                .ok_or_else(|| backend_err("KV pool view"))?;
+            let (kv, vv) = pool.views()?;
             let (kpp, _g3) = kv.device_ptr(s);
             let (vpp, _g4) = vv.device_ptr(s);
             let off = 2 * pool.block_offset(0, layer) as u64;
@@ -1460,15 +1459,7 @@ impl CudaBackend {
             let s = self.stream();
             let (qp, _g1) = qr.view.device_ptr(s);
             let (tp, _g2) = tv.device_ptr(s);
-            let n_pool = pool.cfg.num_blocks * pool.block_stride();
-            let kv = pool
-                .k
-                .view::<bf16>(0, n_pool)
-                .ok_or_else(|| backend_err("KV pool view"))?;
-            let vv = pool
-                .v
-                .view::<bf16>(0, n_pool)
-                .ok_or_else(|| backend_err("KV pool view"))?;
+            let (kv, vv) = pool.views()?;
             let (kpp, _g3) = kv.device_ptr(s);
             let (vpp, _g4) = vv.device_ptr(s);
             let off = 2 * pool.block_offset(0, layer) as u64;
